@@ -1,0 +1,5 @@
+import sys
+
+from castspec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""`castspec` command line: a thin layer over the Python API. Every number it prints is also in `--json`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from castspec.errors import CastspecError
+
+DEFAULT_PROMPT = ("Write a Python function `fibonacci(n)` that returns the n-th Fibonacci number iteratively, "
+                  "with a docstring and a few doctests.")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from castspec.api import DEFAULT_DRAFT, DEFAULT_POLICY, DEFAULT_TARGET
+    from castspec.models.packaged import BUILTIN_MODELS
+
+    names = ", ".join(BUILTIN_MODELS)
+    parser = argparse.ArgumentParser(
+        prog="castspec",
+        description="Lossless speculative decoding with cost-aware draft trees for Hugging Face causal LMs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser(
+        "generate", help="generate text with a target model sped up by a draft",
+        description="Generate greedily from a prompt. The output is token for token what the target alone would "
+                    "produce; the draft and the tree policy only change the speed. Models are a local Hugging Face "
+                    f"directory or a built-in name ({names}).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen.add_argument("--target", default=DEFAULT_TARGET, help="target model: directory or built-in name")
+    gen.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model with the target's tokenizer")
+    gen.add_argument("--policy", default=DEFAULT_POLICY,
+                     help="tree policy: ar, chain, static, eagle2, optionally with parameters, "
+                          "e.g. 'chain:gamma=4' or 'eagle2:total_tokens=16,depth=4,top_k=4'")
+    source = gen.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="the prompt text (default: a built-in coding prompt)")
+    source.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda")
+    gen.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    gen.add_argument("--no-fast-kernels", action="store_true", help="keep stock nn.Linear kernels on CPU")
+    gen.add_argument("--draft-quant", choices=["int8", "none"], default="int8",
+                     help="run the draft's linears in int8 on CPU (lossless: the target decides every token)")
+    gen.add_argument("--compare", action="store_true",
+                     help="also run plain decoding (ar) on the same prompt and report the speedup")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from castspec.api import load_generator
+    from castspec.policies import make_policy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.prompt_file is not None:
+        try:
+            prompt = args.prompt_file.read_text()
+        except OSError as err:
+            raise CastspecError(f"cannot read --prompt-file: {err.strerror}: {args.prompt_file}") from None
+    else:
+        prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    if not prompt.strip():
+        raise CastspecError("the prompt is empty")
+    policy = make_policy(args.policy)
+    gen = load_generator(args.target, args.draft if policy.uses_draft else None, policy, device=args.device,
+                         fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant)
+    gen.generate(prompt, max_new_tokens=2, chat=args.chat)  # warm-up: first-call allocations are not speed
+    if args.json:
+        result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat)
+    else:
+        result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
+                              on_tokens=_streamer(gen.tokenizer))
+        print()
+    out = {"text": result.text, "token_ids": result.token_ids, "new_tokens": len(result.token_ids),
+           "prompt_tokens": result.prompt_tokens, "policy": policy.describe(), "stats": result.stats.as_dict()}
+    if args.compare:
+        gen.policy = make_policy("ar")
+        baseline = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat)
+        out["ar"] = {"stats": baseline.stats.as_dict(per_step=False),
+                     "identical": baseline.token_ids == result.token_ids}
+        out["speedup_vs_ar"] = round(baseline.stats.wall_s / result.stats.wall_s, 3)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    s = result.stats
+    print(f"\n[{policy.describe()}] {s.new_tokens} tokens in {s.wall_s:.2f} s = {s.tokens_per_s:.2f} tok/s; "
+          f"{s.steps} target steps, {s.mean_accept_len:.2f} tokens per step "
+          f"(draft {s.draft_s:.2f} s, verify {s.verify_s:.2f} s)", file=sys.stderr)
+    if args.compare:
+        b = baseline.stats
+        same = "identical output" if out["ar"]["identical"] else "OUTPUT DIFFERS from ar (see README: fp32 near-ties)"
+        print(f"[ar] {b.new_tokens} tokens in {b.wall_s:.2f} s = {b.tokens_per_s:.2f} tok/s\n"
+              f"speedup over plain decoding: {out['speedup_vs_ar']:.2f}x, {same}", file=sys.stderr)
+    return 0
+
+
+def _streamer(tokenizer):
+    ids: list[int] = []
+    shown = [""]
+
+    def on_tokens(tokens: list[int]) -> None:
+        ids.extend(tokens)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown[0]):])
+            sys.stdout.flush()
+            shown[0] = text
+
+    return on_tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CastspecError as err:
+        print(f"castspec: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""A small causal LM with the target's vocabulary, used to propose the draft tree.
+
+The draft keeps its own KV cache. At each step it first catches up on *pending* tokens — accepted tokens it has
+not seen yet, ending with the new root — which gives the distribution of the root's children. Each deeper level
+feeds the frontier nodes in one forward, each attending to the prefix and its own ancestors. After verification
+it keeps the cache entries of the accepted nodes it did feed; the rest become the next step's pending tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from castspec.models.runner import CausalLMRunner
+from castspec.tree import DraftTree
+from castspec.verify import Outcome
+
+
+class DraftLM:
+    def __init__(self, runner: CausalLMRunner):
+        self.runner = runner
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_token: torch.Tensor) -> None:
+        self.runner.prefill(input_ids, attention_mask)
+        self.pending = first_token[:, None]
+        self.pending_valid = torch.ones_like(self.pending, dtype=torch.bool)
+
+    def start(self) -> torch.Tensor:
+        """Feed the pending tokens; returns the log-probabilities of the root's children [B, 1, V]."""
+        runner = self.runner
+        runner.begin_block()
+        valid = self.pending_valid
+        count = valid.shape[1]
+        positions = runner.next_pos[:, None] + valid.long().cumsum(dim=1) - 1
+        causal = torch.ones(count, count, dtype=torch.bool, device=valid.device).tril()
+        block_mask = causal[None] & valid[:, None, :]
+        logits = runner.forward(self.pending, positions.clamp(min=0), block_mask, token_valid=valid)
+        self.root_pos = runner.next_pos + valid.sum(dim=1) - 1
+        self.fed_nodes = torch.zeros(valid.shape[0], 0, dtype=torch.long, device=valid.device)
+        return torch.log_softmax(logits[:, -1:].float(), dim=-1)
+
+    def expand(self, tree: DraftTree, frontier: torch.Tensor) -> torch.Tensor:
+        """Feed the frontier nodes [B, F]; returns their children's log-probabilities [B, F, V]."""
+        runner = self.runner
+        batch, width = frontier.shape
+        pending = self.pending_valid.shape[1]
+        ancestors = tree.ancestors.gather(1, frontier[:, :, None].expand(-1, -1, tree.size))  # [B, F, N]
+        sees_fed = ancestors.gather(2, self.fed_nodes[:, None, :].expand(-1, width, -1))
+        sees_pending = self.pending_valid[:, None, :].expand(-1, width, -1)
+        itself = torch.eye(width, dtype=torch.bool, device=frontier.device).expand(batch, -1, -1)
+        block_mask = torch.cat([sees_pending, sees_fed, itself], dim=2)
+        positions = self.root_pos[:, None] + tree.depth.gather(1, frontier)
+        first_slot = pending + self.fed_nodes.shape[1]
+        logits = runner.forward(tree.tokens.gather(1, frontier), positions, block_mask)
+        slots = torch.arange(first_slot, first_slot + width, device=frontier.device).expand(batch, width)
+        tree.draft_slot.scatter_(1, frontier, slots)
+        self.fed_nodes = torch.cat([self.fed_nodes, frontier], dim=1)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def commit(self, tree: DraftTree, nodes: torch.Tensor, outcome: Outcome) -> None:
+        """Keep the pending tokens and the accepted nodes already fed; queue the rest plus the bonus token.
+
+        `nodes` [B, M] maps verify positions to draft-tree node indices.
+        """
+        batch = outcome.bonus.shape[0]
+        depth_count = outcome.path.shape[1]
+        on_path = outcome.path >= 0
+        path_nodes = nodes.gather(1, outcome.path.clamp(min=0)) if depth_count else outcome.path
+        path_slots = torch.where(on_path, tree.draft_slot.gather(1, path_nodes) if depth_count else path_nodes, -1)
+        fed = path_slots >= 0
+        pending = self.pending_valid.shape[1]
+        pending_slots = torch.arange(pending, device=fed.device).expand(batch, pending)
+        slots = torch.cat([pending_slots, path_slots], dim=1)
+        keep_mask = torch.cat([self.pending_valid, fed], dim=1)
+        order = torch.sort((~keep_mask).int(), dim=1, stable=True).indices  # kept slots first, in order
+        self.runner.commit(slots.gather(1, order), keep_mask.sum(dim=1))
+        # Accepted but never fed: at most the last accepted node (its parent was fed, or it would not exist).
+        unfed = on_path & ~fed
+        tokens = torch.where(on_path, outcome.new_tokens[:, :depth_count], 0)
+        pend_tok = torch.cat([tokens, outcome.bonus[:, None]], dim=1)
+        pend_valid = torch.cat([unfed, torch.ones_like(unfed[:, :1])], dim=1)
+        self.set_pending(pend_tok, pend_valid)
+
+    def skip(self, new_tokens: torch.Tensor, new_valid: torch.Tensor) -> None:
+        """A step without drafting: the accepted tokens simply join the pending queue."""
+        tokens = torch.cat([self.pending, new_tokens], dim=1)
+        self.set_pending(tokens, torch.cat([self.pending_valid, new_valid], dim=1))
+
+    def set_pending(self, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+        """Store pending tokens left-aligned-to-the-right (padding first), trimmed to the longest row."""
+        order = torch.sort(valid.int(), dim=1, stable=True).indices  # invalid first, valid last, order kept
+        tokens, valid = tokens.gather(1, order), valid.gather(1, order)
+        width = max(int(valid.sum(dim=1).max()), 1)
+        self.pending, self.pending_valid = tokens[:, -width:], valid[:, -width:]

@@ -1,0 +1,122 @@
+"""The interface every tree policy implements, and the registry that finds them by name.
+
+A policy only decides shapes — how many children per node to consider, which candidates become nodes, which of
+those are expanded further, and which nodes are verified. It never touches models or caches; the engine never
+knows which policy it runs. Adding a policy means adding one module in this package that calls `register`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from castspec.errors import CastspecError
+from castspec.tree import DraftTree
+
+
+@dataclass
+class StepContext:
+    """What a policy may know when it shapes one step's tree."""
+
+    batch_size: int
+    context_len: int  # longest sequence in the batch (tokens in the target's cache)
+    remaining: int  # most tokens any sequence still wants; a tree deeper than remaining - 1 is wasted
+
+
+@dataclass
+class StepRecord:
+    """What happened in one step, for policies that learn online and for `--verbose` stats."""
+
+    tree_size: int
+    verified: int
+    depth: int
+    accepted: torch.Tensor  # [B] accepted draft tokens per sequence
+    draft_s: float
+    verify_s: float
+    plan: dict[str, Any]
+
+
+class TreePolicy(ABC):
+    """Shapes the draft tree of each step."""
+
+    name: ClassVar[str]
+    uses_draft: ClassVar[bool] = True
+
+    def begin_step(self, ctx: StepContext) -> None:
+        self.ctx = ctx
+
+    @abstractmethod
+    def max_depth(self) -> int:
+        """Deepest level this step may reach (0: no drafting, plain decoding)."""
+
+    @abstractmethod
+    def children_per_node(self, level: int) -> int:
+        """How many of each frontier node's most likely children become candidates at `level` (1-based)."""
+
+    @abstractmethod
+    def choose(self, level: int, cand_logscore: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Pick the candidates [B, C] that become nodes of `level`.
+
+        Candidate c is child rank c % k of frontier node c // k (k = children_per_node(level)). Returns the kept
+        candidate indices [B, W] and how many of them, taken from the front, form the next frontier (0 stops).
+        """
+
+    def select(self, tree: DraftTree) -> torch.Tensor:
+        """The nodes [B, M] to verify (closed under ancestors). Default: all of them."""
+        return torch.arange(tree.size, device=tree.tokens.device).expand(tree.batch_size, tree.size)
+
+    def observe(self, record: StepRecord) -> None:  # noqa: B027 (optional hook)
+        """Called after every step; policies that adapt online override it."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.name}
+
+
+def top_nodes_by_score(tree: DraftTree, count: int) -> torch.Tensor:
+    """The `count` best nodes per sequence by path score; ties go to the shallower node, so the set is a subtree."""
+    count = min(count, tree.size)
+    by_depth = torch.sort(tree.depth, dim=1, stable=True).indices
+    by_score = torch.sort(tree.logscore.gather(1, by_depth), dim=1, descending=True, stable=True).indices
+    return by_depth.gather(1, by_score[:, :count])
+
+
+_REGISTRY: dict[str, type[TreePolicy]] = {}
+
+
+def register(cls: type[TreePolicy]) -> type[TreePolicy]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def policy_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_policy(spec: str) -> TreePolicy:
+    """Build a policy from `name` or `name:key=value,key=value` (for example `eagle2:total_tokens=16,depth=5`)."""
+    name, _, args = spec.partition(":")
+    if name not in _REGISTRY:
+        raise CastspecError(f"unknown policy '{name}': choose one of {', '.join(policy_names())}")
+    cls = _REGISTRY[name]
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, args.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise CastspecError(f"policy parameter '{item}' is not of the form key=value")
+        kwargs[key.strip()] = _parse_value(value.strip())
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise CastspecError(f"bad parameters for policy '{name}': {err}") from None
+
+
+def _parse_value(text: str) -> Any:
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
