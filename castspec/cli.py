@@ -60,7 +60,56 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also run plain decoding (ar) on the same prompt and report the speedup")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser(
+        "bench", help="compare decoding methods on standard prompts (speed, acceptance, identical output)",
+        description="Run every method on the same prompts, interleaved per prompt, after a warm-up. Writes "
+                    "results.json, results.md and plots to --out. Methods: ar (plain decoding, our loop), hf (stock "
+                    "transformers generate), hf-assisted (stock generate with assistant_model), or any --policy spec.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_argument("--target", default=DEFAULT_TARGET)
+    bench.add_argument("--draft", default=DEFAULT_DRAFT)
+    bench.add_argument("--dataset", default="humaneval",
+                       help="humaneval, or spec-bench:PATH[:TASK,...] with tasks mt-bench, gsm8k, cnn-dm, "
+                            "natural-questions, translation, rag")
+    bench.add_argument("--num-prompts", type=_positive_int, default=8, help="prompts per task (seeded choice)")
+    bench.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    bench.add_argument("--methods", default=f"ar,hf,{DEFAULT_POLICY}",
+                       help="comma-separated; separate a method's own parameters with '/' instead of ',' "
+                            "(e.g. eagle2:total_tokens=16/depth=4)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--threads", type=_positive_int, default=None)
+    bench.add_argument("--draft-quant", choices=["int8", "none"], default="int8")
+    bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
+    bench.set_defaults(func=cmd_bench)
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    import torch
+
+    from castspec.bench.datasets import load_prompts
+    from castspec.bench.report import write_report
+    from castspec.bench.runner import BenchConfig, run_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip().replace("/", ",") for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise CastspecError("--methods is empty")
+    prompts = load_prompts(args.dataset, args.num_prompts, args.seed)
+    config = BenchConfig(target=args.target, draft=args.draft, methods=methods, max_new_tokens=args.max_new_tokens,
+                         device=args.device, draft_quant=args.draft_quant)
+    results = run_bench(config, prompts)
+    results["config"]["dataset"] = args.dataset
+    command = "castspec " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    paths = write_report(results, args.out, command)
+    print(paths[1].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ class GenerationStats:
     accepted: list[int] = field(default_factory=list)  # accepted draft tokens per step (sequence 0)
     tree_sizes: list[int] = field(default_factory=list)
     verified: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)  # depth of the verified tree per step
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -60,7 +61,8 @@ class GenerationStats:
             "verify_s": round(self.verify_s, 4),
         }
         if per_step:
-            out.update(accepted_per_step=self.accepted, tree_sizes=self.tree_sizes, verified_per_step=self.verified)
+            out.update(accepted_per_step=self.accepted, tree_sizes=self.tree_sizes, verified_per_step=self.verified,
+                       depth_per_step=self.depths)
         return out
 
 
@@ -180,10 +182,12 @@ class SpeculativeGenerator:
             stats.accepted.append(n_acc)
             stats.tree_sizes.append(tree.size)
             stats.verified.append(vtree.size)
+            verified_depth = int(vtree.depth.max()) if vtree.size else 0
+            stats.depths.append(verified_depth)
             stats.draft_s += t1 - t0
             stats.verify_s += t2 - t1
             record = StepRecord(tree_size=tree.size, verified=vtree.size,
-                                depth=int(vtree.depth.max()) if vtree.size else 0, accepted=outcome.n_accepted,
+                                depth=verified_depth, accepted=outcome.n_accepted,
                                 draft_s=t1 - t0, verify_s=t2 - t1, plan=self.policy.describe())
             self.policy.observe(record)
             new = outcome.new_tokens[0, : n_acc + 1].tolist()

@@ -1,0 +1,1 @@
+"""Benchmarks: standard prompt sets, methods interleaved per prompt, results as JSON, a table and plots."""
