@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from castspec.cost.profiler import load_or_profile
+from castspec.cost.table import OnlineCosts
 from castspec.engine import SpeculativeGenerator
 from castspec.errors import CastspecError
 from castspec.models.kernels import quantize_draft_int8, use_fast_cpu_linears
@@ -23,13 +25,14 @@ DEFAULT_POLICY = "chain:gamma=4"
 
 def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRAFT,
                    policy: TreePolicy | str = DEFAULT_POLICY, device: str = "cpu", fast_kernels: bool = True,
-                   draft_quant: str = "int8") -> SpeculativeGenerator:
+                   draft_quant: str = "int8", cost_table: str | None = None) -> SpeculativeGenerator:
     """Load models and build a `SpeculativeGenerator`.
 
     On CPU, `fast_kernels` runs every fp32 linear of both models on oneDNN with pre-packed weights (the `ar`
     baseline gets them too, so speedups compare like with like); `draft_quant="int8"` quantizes the draft's linears
     to int8, which makes drafting ~3x cheaper and cannot change the output (the target decides every token).
-    Both are ignored on CUDA.
+    Both are ignored on CUDA. Policies that size trees from measured costs (`cast`) get the cost table at
+    `cost_table`, or the one cached for this device and pair, or a quick profile made now.
     """
     policy = make_policy(policy) if isinstance(policy, str) else policy
     if draft_quant not in ("int8", "none"):
@@ -50,7 +53,11 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRA
         use_fast_cpu_linears(target_model)
         if draft_model is not None:
             use_fast_cpu_linears(draft_model)
-    return SpeculativeGenerator(target_model, tokenizer, draft=draft_model, policy=policy)
+    costs = None
+    if getattr(policy, "needs_costs", False):
+        table = load_or_profile({"target": target_model, "draft": draft_model}, path=cost_table)
+        costs = OnlineCosts(table)
+    return SpeculativeGenerator(target_model, tokenizer, draft=draft_model, policy=policy, costs=costs)
 
 
 def check_same_tokenizer(target_tok, draft_tok, target_name: str, draft_name: str) -> None:

@@ -77,7 +77,7 @@ class DraftLM:
         unfed = on_path & ~fed
         tokens = torch.where(on_path, outcome.new_tokens[:, :depth_count], 0)
         pend_tok = torch.cat([tokens, outcome.bonus[:, None]], dim=1)
-        pend_valid = torch.cat([unfed, torch.ones_like(unfed[:, :1])], dim=1)
+        pend_valid = torch.cat([unfed, torch.ones(batch, 1, dtype=torch.bool, device=unfed.device)], dim=1)
         self.set_pending(pend_tok, pend_valid)
 
     def skip(self, new_tokens: torch.Tensor, new_valid: torch.Tensor) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from castspec.cost.table import OnlineCosts
 from castspec.draft import DraftLM
 from castspec.errors import CastspecError
 from castspec.models.runner import CausalLMRunner
@@ -63,6 +64,8 @@ class GenerationStats:
         if per_step:
             out.update(accepted_per_step=self.accepted, tree_sizes=self.tree_sizes, verified_per_step=self.verified,
                        depth_per_step=self.depths)
+            if self.plans:
+                out["plans"] = self.plans
         return out
 
 
@@ -77,10 +80,17 @@ class GenerationResult:
 class SpeculativeGenerator:
     """Generate with a target model, optionally sped up by a draft model and a tree policy."""
 
-    def __init__(self, target, tokenizer, draft=None, policy: TreePolicy | str = "ar"):
+    def __init__(self, target, tokenizer, draft=None, policy: TreePolicy | str = "ar",
+                 costs: OnlineCosts | None = None):
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         if self.policy.uses_draft and draft is None:
             raise CastspecError(f"policy '{self.policy.name}' needs a draft model (--draft)")
+        if getattr(self.policy, "needs_costs", False):
+            if costs is None:
+                raise CastspecError(f"policy '{self.policy.name}' needs a cost table; use load_generator(), which "
+                                    "loads or profiles one, or pass costs=")
+            self.policy.attach_costs(costs)
+        self.costs = costs
         self.tokenizer = tokenizer
         self.target = CausalLMRunner(target)
         self.drafter = DraftLM(CausalLMRunner(draft)) if draft is not None and self.policy.uses_draft else None
@@ -186,10 +196,17 @@ class SpeculativeGenerator:
             stats.depths.append(verified_depth)
             stats.draft_s += t1 - t0
             stats.verify_s += t2 - t1
-            record = StepRecord(tree_size=tree.size, verified=vtree.size,
-                                depth=verified_depth, accepted=outcome.n_accepted,
-                                draft_s=t1 - t0, verify_s=t2 - t1, plan=self.policy.describe())
+            accepted_mask = torch.zeros(batch, vtree.size + 1, dtype=torch.bool, device=root.device)
+            accepted_mask.scatter_(1, torch.where(outcome.path >= 0, outcome.path, vtree.size), True)
+            plan = self.policy.plan()
+            record = StepRecord(tree_size=tree.size, verified=vtree.size, depth=verified_depth,
+                                accepted=outcome.n_accepted, draft_s=t1 - t0, verify_s=t2 - t1, plan=plan,
+                                verified_logscore=tree.logscore.gather(1, vtree.nodes),
+                                verified_accepted=accepted_mask[:, : vtree.size])
             self.policy.observe(record)
+            if plan:
+                stats.plans.append({**plan, "accepted": n_acc, "draft_ms": round(1000 * (t1 - t0), 2),
+                                    "verify_ms": round(1000 * (t2 - t1), 2)})
             new = outcome.new_tokens[0, : n_acc + 1].tolist()
             new = new[: max_new_tokens - produced]
             for i, token in enumerate(new):

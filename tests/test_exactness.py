@@ -7,12 +7,18 @@ import copy
 import pytest
 import torch
 
+from castspec.cost.table import OnlineCosts
 from castspec.engine import SpeculativeGenerator
 from tests.conftest import ToyTokenizer, reference_greedy, tiny_model
+from tests.test_cast import FLAT
 
 POLICIES = ["ar", "chain", "chain:gamma=1", "static", "static:paths=0;1;0.0;0.0.0;0.0.1",
-            "eagle2", "eagle2:total_tokens=8,depth=3,top_k=3"]
+            "eagle2", "eagle2:total_tokens=8,depth=3,top_k=3", "cast", "cast:mode=paper", "cast:mode=paper,C1=0.5"]
 PROMPTS = [[5, 17, 33], [11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+
+
+def costs() -> OnlineCosts:
+    return OnlineCosts(FLAT)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +38,7 @@ def models(arch):
 @pytest.mark.parametrize("draft_kind", ["self", "noisy", "random"])
 def test_greedy_matches_target(models, policy, draft_kind):
     target, drafts = models
-    gen = SpeculativeGenerator(target, ToyTokenizer(), draft=drafts[draft_kind], policy=policy)
+    gen = SpeculativeGenerator(target, ToyTokenizer(), draft=drafts[draft_kind], policy=policy, costs=costs())
     for prompt, n in zip(PROMPTS, [24, 9, 30], strict=True):
         expected = reference_greedy(target, prompt, n)
         result = gen.generate(prompt, max_new_tokens=n)

@@ -37,6 +37,8 @@ class StepRecord:
     draft_s: float
     verify_s: float
     plan: dict[str, Any]
+    verified_logscore: torch.Tensor | None = None  # [B, M] draft path log-probability of each verified node
+    verified_accepted: torch.Tensor | None = None  # [B, M] whether the target accepted it
 
 
 class TreePolicy(ABC):
@@ -72,7 +74,12 @@ class TreePolicy(ABC):
         """Called after every step; policies that adapt online override it."""
 
     def describe(self) -> dict[str, Any]:
+        """The policy's name and settings (for results and `--json`)."""
         return {"policy": self.name}
+
+    def plan(self) -> dict[str, Any]:
+        """What the policy decided this step (widths, verify count, predictions), for `--verbose` and stats."""
+        return {}
 
 
 def top_nodes_by_score(tree: DraftTree, count: int) -> torch.Tensor:

@@ -1,0 +1,161 @@
+"""Measure f(B, c, n) for the target and the draft on this device, exactly as the engine runs them.
+
+Each measurement builds a real cache of c tokens for B sequences, then times one forward over n new tokens per
+sequence through the same `CausalLMRunner` the decode loop uses (4D mask, explicit positions, kernels as loaded),
+and drops those tokens again. One warm-up, then the median of `repeats` runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from castspec.cost.table import CostTable
+from castspec.errors import CastspecError
+from castspec.models.kernels import describe_kernels
+from castspec.models.runner import CausalLMRunner
+
+
+@dataclass
+class Grid:
+    batch_sizes: list[int]
+    contexts: list[int]
+    tokens: list[int]
+    repeats: int = 3
+    max_batch_tokens: int = 512  # skip B x n beyond this (such trees are never worth it) to keep profiling short
+
+
+DEFAULT_GRID = Grid(batch_sizes=[1, 2, 4, 8], contexts=[256, 1024], tokens=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64])
+
+
+def quick_grid(batch_size: int) -> Grid:
+    """What first use profiles automatically: one batch size, one context, fewer repeats (about a minute)."""
+    return Grid(batch_sizes=[batch_size], contexts=[512], tokens=[1, 2, 4, 8, 16, 32, 64], repeats=2)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"cpu:{cpu}"
+
+
+def model_fingerprint(model) -> dict[str, Any]:
+    """Identity of a loaded model as the cost table sees it: config, parameter count, dtype and kernels."""
+    config_text = model.config.to_json_string(use_diff=False)
+    params = sum(p.numel() for p in model.parameters())
+    digest = hashlib.sha256(f"{config_text}\0{params}".encode()).hexdigest()[:12]
+    name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name
+    return {"name": name, "hash": digest, "dtype": str(model.dtype).replace("torch.", ""),
+            "kernels": describe_kernels(model), "params": params}
+
+
+def expected_meta(models: dict[str, Any]) -> dict[str, Any]:
+    first = next(iter(models.values()))
+    return {"device": device_name(first.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "models": {role: model_fingerprint(m) for role, m in models.items()}}
+
+
+def table_path(meta: dict[str, Any], home: Path) -> Path:
+    key = "|".join([meta["device"], str(meta["threads"])] +
+                   [f"{r}:{m['hash']}:{m['dtype']}:{m['kernels']}" for r, m in sorted(meta["models"].items())])
+    return home / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def profile(models: dict[str, Any], grid: Grid, progress: bool = True) -> CostTable:
+    """Measure every role's forward times on the grid and return the table."""
+    for role, model in models.items():
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and max(grid.contexts) + max(grid.tokens) > limit:
+            raise CastspecError(f"{role}: context grid up to {max(grid.contexts)} exceeds the model's {limit} "
+                                "positions; pass smaller --contexts")
+    cells = [(role, b, c) for role in models for b in grid.batch_sizes for c in grid.contexts]
+    total = sum(sum(1 for n in grid.tokens if b * n <= grid.max_batch_tokens or n == 1) for _, b, _ in cells)
+    bar = tqdm(total=total, desc="profiling", unit="shape", disable=not progress, file=sys.stderr)
+    ms: dict[str, list[list[list[float | None]]]] = {
+        role: [[[None] * len(grid.tokens) for _ in grid.contexts] for _ in grid.batch_sizes] for role in models}
+    for role, b, c in cells:
+        runner = CausalLMRunner(models[role])
+        vocab = models[role].config.vocab_size
+        generator = torch.Generator().manual_seed(b * 7919 + c)
+        prompt = torch.randint(3, vocab, (b, c), generator=generator).to(runner.device)
+        runner.prefill(prompt, torch.ones_like(prompt, dtype=torch.bool))
+        for ni, n in enumerate(grid.tokens):
+            if b * n > grid.max_batch_tokens and n != 1:
+                continue
+            bar.set_postfix_str(f"{role} B={b} c={c} n={n}")
+            times = [_time_forward(runner, n) for _ in range(grid.repeats + 1)][1:]
+            ms[role][grid.batch_sizes.index(b)][grid.contexts.index(c)][ni] = round(statistics.median(times), 3)
+            bar.update(1)
+        del runner
+    bar.close()
+    meta = expected_meta(models)
+    meta["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    meta["host"] = platform.node() or os.uname().nodename
+    return CostTable(meta=meta, batch_sizes=list(grid.batch_sizes), contexts=list(grid.contexts),
+                     tokens=list(grid.tokens), ms=ms, extra={"repeats": grid.repeats})
+
+
+def _time_forward(runner: CausalLMRunner, n: int) -> float:
+    batch = runner.next_pos.shape[0]
+    device = runner.device
+    tokens = torch.randint(3, runner.config.vocab_size, (batch, n), device=device)
+    positions = runner.next_pos[:, None] + torch.arange(n, device=device)
+    mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None].expand(batch, -1, -1)
+    runner.begin_block()
+    _sync(device)
+    start = time.perf_counter()
+    runner.forward(tokens, positions, mask)
+    _sync(device)
+    elapsed = (time.perf_counter() - start) * 1000
+    runner.commit(torch.zeros(batch, 0, dtype=torch.long, device=device),
+                  torch.zeros(batch, dtype=torch.long, device=device))
+    return elapsed
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_or_profile(models: dict[str, Any], path: str | Path | None = None, batch_size: int = 1,
+                    home: Path | None = None) -> CostTable:
+    """The cost table for these loaded models on this device.
+
+    An explicit `path` must exist and match. Otherwise the table cached under `$CASTSPEC_HOME/costs/` for exactly
+    this device, thread count, models, dtypes and kernels is used; if there is none yet, a quick profile runs
+    (about a minute, with a notice) and is cached. `castspec profile` measures the full grid.
+    """
+    from castspec.models.packaged import castspec_home
+
+    expected = expected_meta(models)
+    if path is not None:
+        table = CostTable.load(Path(path))
+        table.check_matches(expected)
+        return table
+    cached = table_path(expected, home or castspec_home())
+    if cached.is_file():
+        table = CostTable.load(cached)
+        table.check_matches(expected)
+        if batch_size <= max(table.batch_sizes):
+            return table
+    print(f"castspec: no cost table for this device and model pair yet; measuring a quick one (saved to "
+          f"{cached}; `castspec profile` measures the full grid)", file=sys.stderr)
+    table = profile(models, quick_grid(batch_size))
+    table.save(cached)
+    return table

@@ -1,0 +1,182 @@
+"""CAST: Algorithm 1, Theorem 4.1, cost-table lookups, the profiler, and how `auto` sizes trees from costs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from castspec.cost.profiler import Grid, load_or_profile, profile
+from castspec.cost.table import CostTable, OnlineCosts
+from castspec.errors import CastspecError
+from castspec.policies import StepContext, make_policy
+from castspec.policies.cast import Calibration, select_max_valid_index
+from tests.conftest import tiny_model
+
+TOKENS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+
+
+def synthetic_table(target_ms, draft_ms, batch_sizes=(1,), contexts=(128, 1024)) -> CostTable:
+    """A table whose costs are given functions of (batch, tokens)."""
+    def cube(fn):
+        return [[[float(fn(b, n)) for n in TOKENS] for _ in contexts] for b in batch_sizes]
+    return CostTable(meta={"device": "test", "threads": 1, "models": {}}, batch_sizes=list(batch_sizes),
+                     contexts=list(contexts), tokens=TOKENS, ms={"target": cube(target_ms), "draft": cube(draft_ms)})
+
+
+FLAT = synthetic_table(lambda b, n: 100.0 + 0.2 * n * b, lambda b, n: 10.0 + 0.05 * n * b)  # GPU-like
+STEEP = synthetic_table(lambda b, n: 100.0 * (1 + 0.5 * (n * b - 1)), lambda b, n: 10.0 + 0.05 * n)  # 2-core CPU
+
+
+# --- Algorithm 1 ----------------------------------------------------------------------------------------------
+def test_algorithm1_concave_utility_stops_at_threshold():
+    u = [0.0, 0.9, 1.5, 1.8, 1.9, 1.95]
+    c = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]  # marginal ratios 9, 6, 3, 1, 0.5
+    assert select_max_valid_index(u, c, 4.0) == 2
+    assert select_max_valid_index(u, c, 2.0) == 3
+    assert select_max_valid_index(u, c, 100.0) == 0
+
+
+def test_algorithm1_tolerates_non_concave_utility():
+    # k=2 adds little, k=3 a lot: measured from the last accepted index, k=3 is still reached.
+    u = [0.0, 1.0, 1.05, 2.0]
+    c = [0.0, 0.1, 0.2, 0.3]
+    assert select_max_valid_index(u, c, 4.0) == 3
+
+
+def test_algorithm1_non_monotone_cost_takes_free_steps():
+    # Verifying 4 is cheaper than 3 (tile effects): the scan steps over 3 and takes 4.
+    u = [0.0, 0.5, 0.8, 1.0, 1.1]
+    c = [1.0, 1.1, 1.2, 1.6, 1.3]
+    assert select_max_valid_index(u, c, 2.5) == 4
+
+
+def test_theorem_4_1_linear_cost_reduces_to_eagle_top_k():
+    """With c_k = lambda k + delta and C1 = sum_j v_j(K) / (B lambda), breadth pruning keeps exactly the top K."""
+    torch.manual_seed(0)
+    batch, candidates, lam, delta = 4, 30, 0.02, 0.3
+    values = torch.sort(torch.rand(batch, candidates, dtype=torch.float64) ** 3, dim=1, descending=True).values
+    utility = [0.0] + values.cumsum(dim=1).mean(dim=0).tolist()
+    cost = [delta] + [lam * k + delta for k in range(1, candidates + 1)]
+    for top_k in (1, 4, 10, 20):
+        threshold = float(values[:, top_k - 1].sum()) / (batch * lam)
+        assert select_max_valid_index(utility, cost, threshold) == top_k
+
+
+# --- cost table ------------------------------------------------------------------------------------------------
+def test_select_rounds_context_up_and_caps():
+    table = synthetic_table(lambda b, n: 1.0, lambda b, n: 1.0, contexts=(128, 256, 512))
+    assert [table.contexts[table.select_context(c)] for c in (1, 128, 129, 300, 512, 5000)] == \
+        [128, 128, 256, 512, 512, 512]
+
+
+def test_lookup_interpolates_in_tokens_and_batch():
+    table = synthetic_table(lambda b, n: 10.0 * n + 100.0 * b, lambda b, n: 1.0, batch_sizes=(1, 4))
+    assert table.time_ms("target", 1, 100, 5) == pytest.approx(150.0)  # between n=4 and n=6
+    assert table.time_ms("target", 2, 100, 1) == pytest.approx(210.0)  # between B=1 and B=4
+    assert table.time_ms("target", 1, 100, 80) == pytest.approx(10.0 * 80 + 100.0)  # extrapolated
+    assert table.time_ms("target", 16, 100, 1) == pytest.approx(410.0)  # clamped to the largest B
+
+
+def test_table_round_trip_and_corruption(tmp_path):
+    path = tmp_path / "t.json"
+    FLAT.save(path)
+    assert CostTable.load(path).time_ms("draft", 1, 200, 8) == FLAT.time_ms("draft", 1, 200, 8)
+    path.write_text("{not json")
+    with pytest.raises(CastspecError, match="not valid JSON"):
+        CostTable.load(path)
+    data = FLAT.to_json()
+    data["ms"]["target"][0][0] = [1.0]  # wrong shape
+    path.write_text(json.dumps(data))
+    with pytest.raises(CastspecError, match="corrupt"):
+        CostTable.load(path)
+    data = FLAT.to_json()
+    data["ms"]["target"][0][0][0] = -3
+    path.write_text(json.dumps(data))
+    with pytest.raises(CastspecError, match="corrupt"):
+        CostTable.load(path)
+
+
+def test_table_for_another_device_or_model_is_refused():
+    table = synthetic_table(lambda b, n: 1.0, lambda b, n: 1.0)
+    table.meta = {"device": "cpu:A", "threads": 2, "models": {"target": {"hash": "x", "dtype": "float32",
+                                                                          "kernels": "stock"}}}
+    with pytest.raises(CastspecError, match="device"):
+        table.check_matches({"device": "cpu:B", "threads": 2, "models": {}})
+    with pytest.raises(CastspecError, match="target"):
+        table.check_matches({"device": "cpu:A", "threads": 2,
+                             "models": {"target": {"hash": "y", "dtype": "float32", "kernels": "stock"}}})
+
+
+def test_online_costs_follow_measurements():
+    costs = OnlineCosts(FLAT, smoothing=0.5)
+    predicted = costs.time_ms("target", 1, 100, 1)
+    for _ in range(20):
+        costs.observe("target", costs.time_ms("target", 1, 100, 1), 2 * predicted)
+    assert costs.time_ms("target", 1, 100, 1) == pytest.approx(2 * predicted, rel=0.01)
+
+
+# --- profiler --------------------------------------------------------------------------------------------------
+def test_profiler_on_tiny_models_makes_a_well_formed_table(tmp_path):
+    models = {"target": tiny_model("qwen2", seed=0).float(), "draft": tiny_model("qwen2", seed=1, layers=1).float()}
+    grid = Grid(batch_sizes=[1, 2], contexts=[16, 32], tokens=[1, 2, 4], repeats=1)
+    table = profile(models, grid, progress=False)
+    table.save(tmp_path / "t.json")
+    loaded = CostTable.load(tmp_path / "t.json")
+    assert loaded.meta["models"]["target"]["hash"] != loaded.meta["models"]["draft"]["hash"]
+    assert all(t > 0 for role in ("target", "draft") for plane in loaded.ms[role] for row in plane for t in row)
+    # First use without a table profiles quickly and caches; the second use reads the cache.
+    first = load_or_profile(models, home=tmp_path)
+    second = load_or_profile(models, home=tmp_path)
+    assert first.to_json() == second.to_json()
+
+
+# --- auto sizing -----------------------------------------------------------------------------------------------
+def plan_tree(table: CostTable, batch: int = 1, levels: int = 6, top_k: int = 8) -> tuple[int, int]:
+    """Drive the auto policy on a synthetic confident draft; returns (depth reached, nodes verified)."""
+    policy = make_policy("cast")
+    policy.attach_costs(OnlineCosts(table))
+    policy.begin_step(StepContext(batch_size=batch, context_len=200, remaining=100))
+    child_logp = torch.log(torch.tensor([0.8, 0.1, 0.04, 0.02, 0.01, 0.01, 0.01, 0.01]))[:top_k]
+    frontier = torch.zeros(batch, 1)
+    from castspec.tree import DraftTree
+    tree = DraftTree.empty(torch.zeros(batch, dtype=torch.long))
+    parents = torch.full((batch, 1), -1)
+    depth = 0
+    for level in range(1, levels + 1):
+        cand = (frontier[:, :, None] + child_logp[None, None, :]).flatten(1)
+        keep, expand = policy.choose(level, cand)
+        parent_idx = parents.gather(1, keep // top_k)
+        new = tree.add_level(torch.zeros_like(keep), parent_idx, cand.gather(1, keep))
+        depth = level
+        if expand == 0:
+            break
+        frontier, parents = cand.gather(1, keep[:, :expand]), new[:, :expand]
+    verified = policy.select(tree).shape[1]
+    return depth, verified
+
+
+def test_auto_picks_small_tree_when_verify_is_steep_and_large_when_flat():
+    steep_depth, steep_verify = plan_tree(STEEP)
+    flat_depth, flat_verify = plan_tree(FLAT)
+    assert steep_verify < flat_verify
+    assert steep_verify <= 6
+    assert flat_verify >= 12
+    assert flat_depth >= steep_depth
+
+
+def test_auto_tree_shrinks_as_batch_grows():
+    table = synthetic_table(lambda b, n: 100.0 + 6.0 * n * b, lambda b, n: 10.0 + 0.5 * n * b,
+                            batch_sizes=(1, 2, 4, 8, 16))
+    sizes = [plan_tree(table, batch=b)[1] for b in (1, 4, 16)]
+    assert sizes[0] > sizes[1] > sizes[2]
+
+
+def test_calibration_learns_acceptance():
+    calib = Calibration()
+    scores = torch.full((1000,), -0.1)  # the draft says 90%
+    calib.update(scores, torch.rand(1000) < 0.5)  # the target accepts half
+    assert float(calib(torch.tensor([-0.1]))) == pytest.approx(0.5, abs=0.06)
+    low, high = calib(torch.tensor([-3.0])), calib(torch.tensor([-0.01]))
+    assert float(low) <= float(high)
