@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--target", default=DEFAULT_TARGET, help="target model: directory or built-in name")
     gen.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model with the target's tokenizer")
     gen.add_argument("--policy", default=DEFAULT_POLICY,
-                     help="tree policy: ar, chain, static, eagle2, optionally with parameters, "
-                          "e.g. 'chain:gamma=4' or 'eagle2:total_tokens=16,depth=4,top_k=4'")
+                     help="tree policy: ar, chain, static, eagle2, cast, optionally with parameters, e.g. "
+                          "'chain:gamma=4', 'eagle2:total_tokens=16,depth=4,top_k=4', 'cast:mode=paper,C1=4'")
     source = gen.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the prompt text (default: a built-in coding prompt)")
     source.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
@@ -58,8 +58,31 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the draft's linears in int8 on CPU (lossless: the target decides every token)")
     gen.add_argument("--compare", action="store_true",
                      help="also run plain decoding (ar) on the same prompt and report the speedup")
+    gen.add_argument("--cost-table", default=None,
+                     help="cost table for cast (default: the one cached for this device and pair, else profiled)")
+    gen.add_argument("--verbose", action="store_true",
+                     help="print each step's decisions (widths, depth, verify count, predicted vs actual)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=cmd_generate)
+
+    prof = sub.add_parser(
+        "profile", help="measure forward costs f(B, c, n) of the target and draft on this device",
+        description="Time one forward over n new tokens for B sequences with a c-token cache, for the target and "
+                    "the draft as `generate` runs them (same kernels), on a grid. Writes a JSON cost table that the "
+                    "cast policy uses; by default into the cache where `generate` finds it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prof.add_argument("--target", default=DEFAULT_TARGET)
+    prof.add_argument("--draft", default=DEFAULT_DRAFT)
+    prof.add_argument("--batch-sizes", default="1,2,4,8", help="comma-separated batch sizes")
+    prof.add_argument("--contexts", default="256,1024", help="comma-separated context lengths (cache sizes)")
+    prof.add_argument("--tokens", default="1,2,3,4,6,8,12,16,24,32,48,64", help="comma-separated new-token counts")
+    prof.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per shape (median)")
+    prof.add_argument("--device", default="cpu")
+    prof.add_argument("--threads", type=_positive_int, default=None)
+    prof.add_argument("--no-fast-kernels", action="store_true")
+    prof.add_argument("--draft-quant", choices=["int8", "none"], default="int8")
+    prof.add_argument("--out", type=Path, default=None, help="where to write the table (default: the cache)")
+    prof.set_defaults(func=cmd_profile)
 
     bench = sub.add_parser(
         "bench", help="compare decoding methods on standard prompts (speed, acceptance, identical output)",
@@ -81,9 +104,56 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--threads", type=_positive_int, default=None)
     bench.add_argument("--draft-quant", choices=["int8", "none"], default="int8")
+    bench.add_argument("--cost-table", default=None, help="cost table for cast methods (default: cached/profiled)")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
     bench.set_defaults(func=cmd_bench)
     return parser
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise CastspecError(f"{flag} must be comma-separated whole numbers, got '{text}'") from None
+    if not values or values[0] < 1:
+        raise CastspecError(f"{flag} needs positive whole numbers, got '{text}'")
+    return values
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from castspec.api import load_generator
+    from castspec.cost.profiler import Grid, expected_meta, profile, table_path
+    from castspec.models.packaged import castspec_home
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    grid = Grid(batch_sizes=_int_list(args.batch_sizes, "--batch-sizes"),
+                contexts=_int_list(args.contexts, "--contexts"), tokens=_int_list(args.tokens, "--tokens"),
+                repeats=args.repeats)
+    gen = load_generator(args.target, args.draft, "chain", device=args.device, fast_kernels=not args.no_fast_kernels,
+                         draft_quant=args.draft_quant)
+    models = {"target": gen.target.model, "draft": gen.drafter.runner.model}
+    table = profile(models, grid)
+    out = args.out or table_path(expected_meta(models), castspec_home())
+    table.save(out)
+    print(_cost_summary(table))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _cost_summary(table) -> str:
+    lines = []
+    for role in table.ms:
+        for bi, batch in enumerate(table.batch_sizes):
+            for ci, context in enumerate(table.contexts):
+                row = table.ms[role][bi][ci]
+                one = row[0]
+                cells = " ".join(f"{n}:{t:.0f}" + (f"({t / one:.1f}x)" if one else "")
+                                 for n, t in zip(table.tokens, row, strict=True) if t is not None)
+                lines.append(f"{role:6s} B={batch:<2d} c={context:<5d} ms by n: {cells}")
+    return "\n".join(lines)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -102,7 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CastspecError("--methods is empty")
     prompts = load_prompts(args.dataset, args.num_prompts, args.seed)
     config = BenchConfig(target=args.target, draft=args.draft, methods=methods, max_new_tokens=args.max_new_tokens,
-                         device=args.device, draft_quant=args.draft_quant)
+                         device=args.device, draft_quant=args.draft_quant, cost_table=args.cost_table)
     results = run_bench(config, prompts)
     results["config"]["dataset"] = args.dataset
     command = "castspec " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -131,7 +201,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CastspecError("the prompt is empty")
     policy = make_policy(args.policy)
     gen = load_generator(args.target, args.draft if policy.uses_draft else None, policy, device=args.device,
-                         fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant)
+                         fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
+                         cost_table=args.cost_table)
     gen.generate(prompt, max_new_tokens=2, chat=args.chat)  # warm-up: first-call allocations are not speed
     if args.json:
         result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat)
@@ -150,6 +221,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out))
         return 0
+    if args.verbose:
+        for number, plan in enumerate(result.stats.plans or [], start=1):
+            print(f"step {number}: " + ", ".join(f"{k}={v}" for k, v in plan.items()), file=sys.stderr)
     s = result.stats
     print(f"\n[{policy.describe()}] {s.new_tokens} tokens in {s.wall_s:.2f} s = {s.tokens_per_s:.2f} tok/s; "
           f"{s.steps} target steps, {s.mean_accept_len:.2f} tokens per step "

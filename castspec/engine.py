@@ -196,13 +196,10 @@ class SpeculativeGenerator:
             stats.depths.append(verified_depth)
             stats.draft_s += t1 - t0
             stats.verify_s += t2 - t1
-            accepted_mask = torch.zeros(batch, vtree.size + 1, dtype=torch.bool, device=root.device)
-            accepted_mask.scatter_(1, torch.where(outcome.path >= 0, outcome.path, vtree.size), True)
             plan = self.policy.plan()
             record = StepRecord(tree_size=tree.size, verified=vtree.size, depth=verified_depth,
                                 accepted=outcome.n_accepted, draft_s=t1 - t0, verify_s=t2 - t1, plan=plan,
-                                verified_logscore=tree.logscore.gather(1, vtree.nodes),
-                                verified_accepted=accepted_mask[:, : vtree.size])
+                                **_edge_outcomes(tree, vtree, outcome))
             self.policy.observe(record)
             if plan:
                 stats.plans.append({**plan, "accepted": n_acc, "draft_ms": round(1000 * (t1 - t0), 2),
@@ -254,6 +251,23 @@ class SpeculativeGenerator:
                 raise CastspecError(
                     f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model's context of "
                     f"{limit} positions (keep {margin} for the draft tree); shorten the prompt or --max-new-tokens")
+
+
+def _edge_outcomes(tree: DraftTree, vtree, outcome) -> dict[str, torch.Tensor]:
+    """Per verified node: its draft log-prob given its parent, whether its parent was accepted, and whether it was.
+
+    Nodes whose parent was accepted are exactly the ones the target judged; they calibrate draft confidence.
+    """
+    batch, count = vtree.tokens.shape
+    accepted = torch.zeros(batch, count + 1, dtype=torch.bool, device=vtree.tokens.device)
+    accepted.scatter_(1, torch.where(outcome.path >= 0, outcome.path, count), True)
+    accepted = accepted[:, :count]
+    score = tree.logscore.gather(1, vtree.nodes)
+    parent = vtree.parent_pos.clamp(min=0)
+    is_child_of_root = vtree.parent_pos < 0
+    parent_score = torch.where(is_child_of_root, 0.0, score.gather(1, parent))
+    parent_accepted = is_child_of_root | accepted.gather(1, parent)
+    return {"edge_logp": score - parent_score, "parent_accepted": parent_accepted, "node_accepted": accepted}
 
 
 def check_same_vocabulary(target, draft) -> None:

@@ -23,7 +23,7 @@ def costs() -> OnlineCosts:
 
 @pytest.fixture(scope="module")
 def models(arch):
-    target = tiny_model(arch, seed=0, sharpen=4.0)
+    target = tiny_model(arch, seed=0, sharpen=30.0)
     # The target drafting for itself accepts everything (deep paths, full commits); a slightly perturbed copy
     # accepts often but not always; an unrelated model rarely. All three must give the target's exact output.
     noisy = copy.deepcopy(target)

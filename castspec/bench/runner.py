@@ -18,6 +18,8 @@ import torch
 from tqdm import tqdm
 
 from castspec.bench.datasets import Prompt
+from castspec.cost.profiler import load_or_profile
+from castspec.cost.table import OnlineCosts
 from castspec.engine import SpeculativeGenerator
 from castspec.errors import CastspecError
 from castspec.policies import make_policy
@@ -34,6 +36,7 @@ class BenchConfig:
     device: str = "cpu"
     draft_quant: str = "int8"
     warmup: bool = True
+    cost_table: str | None = None
 
 
 class MethodRunner:
@@ -54,8 +57,14 @@ class MethodRunner:
         self.tokenizer = base.tokenizer
         self.target_model = base.target.model
         self.draft_model = base.drafter.runner.model if base.drafter else None
-        self.generators = {m: SpeculativeGenerator(self.target_model, self.tokenizer, self.draft_model, m)
-                           for m in config.methods if m not in HF_METHODS}
+        policies = {m: make_policy(m) for m in config.methods if m not in HF_METHODS}
+        table = None
+        if any(getattr(p, "needs_costs", False) for p in policies.values()):
+            table = load_or_profile({"target": self.target_model, "draft": self.draft_model},
+                                    path=config.cost_table)
+        self.generators = {m: SpeculativeGenerator(self.target_model, self.tokenizer, self.draft_model, p,
+                                                   costs=OnlineCosts(table) if table else None)
+                           for m, p in policies.items()}
         self.stock_target = self.stock_draft = None
         if any(m in HF_METHODS for m in config.methods):
             self.stock_target, _ = load_model(config.target, device=config.device)

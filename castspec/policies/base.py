@@ -37,8 +37,9 @@ class StepRecord:
     draft_s: float
     verify_s: float
     plan: dict[str, Any]
-    verified_logscore: torch.Tensor | None = None  # [B, M] draft path log-probability of each verified node
-    verified_accepted: torch.Tensor | None = None  # [B, M] whether the target accepted it
+    edge_logp: torch.Tensor | None = None  # [B, M] draft log-prob of each verified node given its parent
+    parent_accepted: torch.Tensor | None = None  # [B, M] its parent was accepted (or is the root)
+    node_accepted: torch.Tensor | None = None  # [B, M] the target accepted it
 
 
 class TreePolicy(ABC):
@@ -82,11 +83,13 @@ class TreePolicy(ABC):
         return {}
 
 
-def top_nodes_by_score(tree: DraftTree, count: int) -> torch.Tensor:
-    """The `count` best nodes per sequence by path score; ties go to the shallower node, so the set is a subtree."""
+def top_nodes_by_score(tree: DraftTree, count: int, values: torch.Tensor | None = None) -> torch.Tensor:
+    """The `count` best nodes per sequence by path score (or by `values` [B, N], which like path scores must never
+    increase from parent to child); ties go to the shallower node, so the set is always a subtree."""
     count = min(count, tree.size)
+    values = tree.logscore if values is None else values.to(tree.logscore.device)
     by_depth = torch.sort(tree.depth, dim=1, stable=True).indices
-    by_score = torch.sort(tree.logscore.gather(1, by_depth), dim=1, descending=True, stable=True).indices
+    by_score = torch.sort(values.gather(1, by_depth), dim=1, descending=True, stable=True).indices
     return by_depth.gather(1, by_score[:, :count])
 
 

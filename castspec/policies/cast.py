@@ -12,8 +12,10 @@ Defaults C1=4, C2=3, C3=2.5 are the three thresholds a third-party reading of th
 R=4 is our choice (the paper's value was not recoverable).
 
 `mode=auto` (default) needs no thresholds: it maximises the expected tokens per second of the whole step,
-E[accepted + 1] / (draft time + verify time). A node's acceptance probability is its draft path probability mapped
-through a calibration learned online from what the target actually accepted. Each level expands the frontier width
+E[accepted + 1] / (draft time + verify time). A node's acceptance probability is the product, along its path, of
+each edge's calibrated acceptance: the draft's conditional probability of the token mapped through a calibration
+learned online from what the target accepted among nodes whose parent it had accepted (so evidence from shallow
+nodes carries over to deeper ones). Trees grow and are reranked by this value. Each level expands the frontier width
 that maximises the predicted rate one level ahead (stopping when no width beats stopping now), and verification
 takes the rate-maximising number of best nodes. When speculation stops paying (measured rate below plain
 decoding's), steps fall back to plain decoding and probe again later with growing back-off.
@@ -48,7 +50,8 @@ def select_max_valid_index(utility: list[float], cost: list[float], threshold: f
 
 
 class Calibration:
-    """Maps a draft path log-probability to the observed chance that the target accepts such a node.
+    """Maps a draft token's conditional log-probability to the observed chance that the target accepts it (given
+    its parent was accepted).
 
     Buckets over log-probability with a prior pulling each bucket towards the draft's own probability; kept
     monotone (a likelier path is never predicted less acceptable than a less likely one).
@@ -75,6 +78,9 @@ class Calibration:
     def __call__(self, logscore: torch.Tensor) -> torch.Tensor:
         index = torch.bucketize(logscore.float().clamp(max=0.0).cpu(), self.edges).clamp(max=len(self.edges) - 1)
         return self.table[index].to(logscore.device)
+
+    def log(self, logscore: torch.Tensor) -> torch.Tensor:
+        return torch.log(self(logscore).clamp(min=1e-6))
 
     def update(self, logscore: torch.Tensor, accepted: torch.Tensor) -> None:
         if logscore.numel() == 0:
@@ -125,8 +131,9 @@ class CastPolicy(TreePolicy):
         self.t_one = float(self.verify_ms[0])
         self.draft_ms = self.draft_w_ms[1]  # the catch-up forward over the pending tokens
         self.prev_u: float | None = None
-        self.pool: list[torch.Tensor] = []  # calibrated acceptance of kept nodes, per level [B, W]
-        self.frontier_score = torch.zeros(ctx.batch_size, 1)
+        self.node_logacc: list[torch.Tensor] = []  # calibrated log-acceptance of kept nodes, per level [B, W]
+        self.frontier_score = torch.zeros(ctx.batch_size, 1)  # draft path log-prob of the frontier (root: 0)
+        self.frontier_logacc = torch.zeros(ctx.batch_size, 1)  # calibrated path log-acceptance of the frontier
         self.widths: list[int] = []
         self.plain = self._take_plain_step()
         self.last_plan = {"plain": self.plain}
@@ -157,15 +164,21 @@ class CastPolicy(TreePolicy):
         return self.top_k
 
     def choose(self, level: int, cand_logscore: torch.Tensor) -> tuple[torch.Tensor, int]:
-        order = torch.sort(cand_logscore, dim=1, descending=True, stable=True).indices
-        scores = cand_logscore.gather(1, order)
+        cand_logscore = cand_logscore.cpu()
+        batch, frontier = self.frontier_score.shape
+        edge_logp = cand_logscore.view(batch, frontier, -1) - self.frontier_score[:, :, None]
+        cand_logacc = (self.frontier_logacc[:, :, None] + self.calibration.log(edge_logp)).flatten(1)
+        ranking = cand_logscore if self.mode == "paper" else cand_logacc
+        order = torch.sort(ranking, dim=1, descending=True, stable=True).indices
         if self.mode == "paper":
-            keep, expand = self._choose_paper(scores)
+            keep, expand = self._choose_paper(cand_logscore.gather(1, order))
         else:
-            keep, expand = self._choose_auto(level, cand_logscore, scores)
+            keep, expand = self._choose_auto(cand_logacc.gather(1, order), edge_logp)
         self.widths.append(keep)
         kept = order[:, :keep]
-        self.frontier_score = scores[:, :expand].cpu()
+        self.node_logacc.append(cand_logacc.gather(1, kept))
+        self.frontier_score = cand_logscore.gather(1, kept[:, :expand])
+        self.frontier_logacc = cand_logacc.gather(1, kept[:, :expand])
         self.draft_ms += self.draft_w_ms[expand]
         return kept, expand
 
@@ -185,22 +198,16 @@ class CastPolicy(TreePolicy):
         return width, (width if go_on else 0)
 
     # --- auto mode -------------------------------------------------------------------------------------------
-    def _choose_auto(self, level: int, cand_logscore: torch.Tensor, scores: torch.Tensor) -> tuple[int, int]:
-        keep = min(scores.shape[1], self.verify_cap)
-        accept = self.calibration(scores[:, :keep]).cpu()
-        self.pool.append(accept)
-        pool = torch.cat(self.pool, dim=1)
-        now = self._best_rate(pool, self.draft_ms)[0]
-        # Predict the next level: each expanded node's children, at the ranks this level's children had.
-        parent = self.frontier_score  # [B, F] path scores of this level's parents
-        k = self.top_k
-        child_logp = (cand_logscore.cpu().view(parent.shape[0], parent.shape[1], k) - parent[:, :, None])
-        rank_logp = child_logp.mean(dim=(0, 1))  # [k] typical log-prob of the rank-j child
-        best_rate, best_width = now, 0
+    def _choose_auto(self, sorted_logacc: torch.Tensor, edge_logp: torch.Tensor) -> tuple[int, int]:
+        """Keep the best candidates (for verification); expand the width that maximises the predicted rate."""
+        keep = min(sorted_logacc.shape[1], self.verify_cap)
+        pool = torch.cat(self.node_logacc + [sorted_logacc[:, :keep]], dim=1).exp()
+        best_rate, best_width = self._best_rate(pool, self.draft_ms)[0], 0
+        # The next level, predicted: each expanded node's children at the ranks this level's children had.
+        rank_logacc = self.calibration.log(edge_logp.mean(dim=(0, 1)))  # [k]
         for width in range(1, min(keep, self.max_width) + 1):
-            predicted = scores[:, :width, None].cpu() + rank_logp[None, None, :]
-            extra = self.calibration(predicted.flatten(1))
-            rate = self._best_rate(torch.cat([pool, extra], dim=1), self.draft_ms + self.draft_w_ms[width])[0]
+            predicted = (sorted_logacc[:, :width, None] + rank_logacc[None, None, :]).flatten(1).exp()
+            rate = self._best_rate(torch.cat([pool, predicted], dim=1), self.draft_ms + self.draft_w_ms[width])[0]
             if rate > best_rate * 1.0001:
                 best_rate, best_width = rate, width
         return keep, best_width
@@ -218,12 +225,15 @@ class CastPolicy(TreePolicy):
     def select(self, tree: DraftTree) -> torch.Tensor:
         if self.mode == "paper":
             count = self._rerank_paper(tree) if self.rerank else min(self.verify_cap, tree.size)
-        else:
-            accept = self.calibration(tree.logscore)
-            count = self._best_rate(accept.cpu(), self.draft_ms)[1]
-        self.last_plan.update(widths=self.widths, verify=count, predicted_draft_ms=round(self.draft_ms, 2),
+            self.last_plan.update(widths=self.widths, verify=count)
+            return top_nodes_by_score(tree, count)
+        logacc = torch.cat(self.node_logacc, dim=1)  # in tree order: levels were appended as kept
+        rate, count = self._best_rate(logacc.exp(), self.draft_ms)
+        expected = rate * (self.draft_ms + float(self.verify_ms[min(count, self.verify_cap)])) - 1.0
+        self.last_plan.update(widths=self.widths, verify=count, predicted_accepted=round(expected, 3),
+                              predicted_draft_ms=round(self.draft_ms, 2),
                               predicted_verify_ms=round(float(self.verify_ms[min(count, self.verify_cap)]), 2))
-        return top_nodes_by_score(tree, count)
+        return top_nodes_by_score(tree, count, values=logacc)
 
     def _rerank_paper(self, tree: DraftTree) -> int:
         limit = min(tree.size, self.verify_cap)
@@ -236,8 +246,9 @@ class CastPolicy(TreePolicy):
     def observe(self, record: StepRecord) -> None:
         if self.costs is None:
             return
-        if record.verified_logscore is not None and record.verified_logscore.numel():
-            self.calibration.update(record.verified_logscore, record.verified_accepted)
+        if record.edge_logp is not None and record.edge_logp.numel():
+            judged = record.parent_accepted
+            self.calibration.update(record.edge_logp[judged], record.node_accepted[judged])
         predicted_verify = float(self.verify_ms[min(record.verified, self.verify_cap)])
         self.costs.observe("target", predicted_verify, record.verify_s * 1000)
         if record.tree_size:
