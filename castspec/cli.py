@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=_positive_int, default=None)
     bench.add_argument("--draft-quant", choices=["int8", "none"], default="int8")
     bench.add_argument("--cost-table", default=None, help="cost table for cast methods (default: cached/profiled)")
+    bench.add_argument("--quick", action="store_true",
+                       help="a small run (2 prompts, 16 tokens, ar,hf,chain,eagle2,cast) to check the setup")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
     bench.set_defaults(func=cmd_bench)
     return parser
@@ -167,6 +169,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.quick:
+        args.num_prompts, args.max_new_tokens = 2, 16
+        args.methods = "ar,hf,chain:gamma=4,eagle2:total_tokens=16/depth=4/top_k=4,cast"
     methods = [m.strip().replace("/", ",") for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise CastspecError("--methods is empty")

@@ -75,13 +75,15 @@ def test_packed_linears_in_generate_and_cache(ids):
 
 
 @needs_onednn
+@pytest.mark.parametrize("min_rows", [kernels.DEFAULT_MIN_ROWS, 0])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(5,), (1, 5), (3, 5), (2, 3, 5), (2, 2, 3, 5), (0, 5)])
-def test_onednn_linear_any_leading_shape(bias, shape):
+def test_onednn_linear_any_leading_shape(bias, shape, min_rows):
     torch.manual_seed(0)
     linear = nn.Linear(5 * 8, 24, bias=bias)
     x = torch.randn(*shape[:-1], shape[-1] * 8)
-    module = OneDNNLinear(linear)
+    module = OneDNNLinear(linear, min_rows=min_rows)
+    assert module(x).shape == (*shape[:-1], 24)
     torch.testing.assert_close(module(x), linear(x), atol=1e-5, rtol=1e-5)
     # A non-contiguous input and a float64 input (which falls back to F.linear) give the same result too.
     xt = torch.randn(40, 7).t()

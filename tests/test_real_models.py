@@ -30,3 +30,23 @@ def test_smollm_drafts_for_itself():
     assert spec.token_ids == plain.token_ids
     assert "Paris" in spec.text
     assert spec.stats.mean_accept_len > 2.0  # the same weights (fp32 either side) agree almost always
+
+
+def test_bench_quick_writes_complete_results(tmp_path):
+    import json
+
+    from castspec.cli import main
+
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["prompts"]) == 2
+    summary = results["summary"]
+    assert set(summary) == {"ar", "hf", "chain:gamma=4", "eagle2:total_tokens=16,depth=4,top_k=4", "cast"}
+    for method, entry in summary.items():
+        assert entry["failed"] == [], method
+        assert entry["tokens_per_s"] > 0
+        assert "speedup_vs_ar" in entry and "speedup_vs_hf" in entry
+    assert summary["chain:gamma=4"]["mean_accept_len"] > 1.0
+    assert (tmp_path / "results.md").read_text().count("|") > 20
+    assert (tmp_path / "speedup.png").stat().st_size > 1000
+    assert (tmp_path / "accept_hist.png").stat().st_size > 1000

@@ -31,17 +31,23 @@ from torch import nn
 
 __all__ = [
     "DEFAULT_BATCH_SIZE_HINT",
+    "DEFAULT_MIN_ROWS",
     "OneDNNLinear",
     "describe_kernels",
     "quantize_draft_int8",
     "use_fast_cpu_linears",
 ]
 
-# Row count oneDNN is told to expect when it picks the packed weight layout. Measured on AMD Zen 2 / AVX2 with 2
-# threads, shapes of Qwen2.5-1.5B, M = 1..64 rows: any hint from 2 to 64 gives the same (best) times; a hint of 1 is
-# up to 10% faster for single rows but up to 1.8x slower from 4 rows up; no hint (`None`) is 5-40% slower for
-# 4..64 rows (3x on the small k/v projections).
+# Row count oneDNN is told to expect when it picks the packed weight layout. With 2 threads on an AMD EPYC (Zen 4,
+# AVX-512), shapes of Qwen2.5-0.5B/1.5B, M = 1..64 rows: any hint from 2 to 64, or none, gives the same blocked
+# layout (AB16b64a) and the same times; a hint of 1 gives the plain layout, up to 1.8x slower from 4 rows up.
+# 16 is inductor's choice for a batch of 16 and safe where the layouts differ.
 DEFAULT_BATCH_SIZE_HINT: int | None = 16
+
+# Inputs with fewer rows are zero-padded to this many: oneDNN's kernel for 1-3 rows streams the weight more slowly
+# than its 4-row kernel, so 1-3 rows cost more than 4 (one decode step of Qwen2.5-0.5B: 91 ms at 1 row, 78 ms padded
+# to 4; single 8960x1536 linear: 1.8 ms vs 1.45 ms). 0 or 1 disables padding.
+DEFAULT_MIN_ROWS = 4
 
 _warned: set[str] = set()
 
@@ -96,11 +102,12 @@ class OneDNNLinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, batch_size_hint: int | None = DEFAULT_BATCH_SIZE_HINT,
-                 keep_weight: bool = False) -> None:
+                 keep_weight: bool = False, min_rows: int = DEFAULT_MIN_ROWS) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.batch_size_hint = batch_size_hint
+        self.min_rows = min_rows
         # A plain attribute, not a buffer: the opaque oneDNN tensor supports neither `.to()` nor serialization.
         self._packed = _pack(linear.weight, batch_size_hint)
         if keep_weight:
@@ -121,7 +128,13 @@ class OneDNNLinear(nn.Module):
             weight = self.weight.to(x)
             return F.linear(x, weight, None if bias is None else bias.to(x))
         lead = x.shape[:-1]
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self._packed, bias, "none", [], "")
+        rows = x.reshape(-1, self.in_features)
+        n = rows.shape[0]
+        if 0 < n < self.min_rows:
+            rows = torch.cat([rows, rows.new_zeros(self.min_rows - n, self.in_features)])
+        y = torch.ops.mkldnn._linear_pointwise(rows, self._packed, bias, "none", [], "")
+        if y.shape[0] != n:
+            y = y[:n]
         return y.view(*lead, self.out_features)
 
     def __deepcopy__(self, memo: dict) -> OneDNNLinear:
@@ -134,7 +147,8 @@ class OneDNNLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"batch_size_hint={self.batch_size_hint}, weight_kept={'weight' in self._parameters}")
+                f"batch_size_hint={self.batch_size_hint}, min_rows={self.min_rows}, "
+                f"weight_kept={'weight' in self._parameters}")
 
 
 def _shared_tensor_ids(model: nn.Module) -> set[int]:
@@ -199,13 +213,15 @@ def _is_plain_linear(module: nn.Module) -> bool:
 
 
 def use_fast_cpu_linears(model: nn.Module, *, batch_size_hint: int | None = DEFAULT_BATCH_SIZE_HINT,
-                         keep_weights: bool = False) -> int:
+                         keep_weights: bool = False, min_rows: int = DEFAULT_MIN_ROWS) -> int:
     """Make every fp32 CPU `nn.Linear` of `model` (lm_head included) a oneDNN pre-packed `OneDNNLinear`, in place.
 
     Returns how many layers were replaced. Layers on another device or in another dtype are left alone, so a CUDA
     or float64/bfloat16 model is untouched (returns 0). If oneDNN is unavailable, warns once and returns 0.
     A weight shared with another module (tied embeddings) stays a `Parameter` of both; other weights keep only the
-    packed copy unless `keep_weights=True` (which doubles the memory of the linears).
+    packed copy unless `keep_weights=True` (which doubles the memory of the linears). `batch_size_hint` and `min_rows`
+    (inputs of fewer rows are zero-padded to this many, because it is faster) are per-layer tuning knobs; the
+    defaults were the fastest measured.
     """
     candidates = [m for m in model.modules() if _is_plain_linear(m) and m.weight.dtype == torch.float32
                   and m.weight.device.type == "cpu"]
@@ -222,7 +238,8 @@ def use_fast_cpu_linears(model: nn.Module, *, batch_size_hint: int | None = DEFA
         if not (_is_plain_linear(module) and module.weight.dtype == torch.float32
                 and module.weight.device.type == "cpu"):
             return None
-        return OneDNNLinear(module, batch_size_hint, keep_weight=keep_weights or id(module.weight) in shared)
+        return OneDNNLinear(module, batch_size_hint, keep_weight=keep_weights or id(module.weight) in shared,
+                            min_rows=min_rows)
 
     return _replace_modules(model, convert)
 

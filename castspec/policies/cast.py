@@ -99,7 +99,7 @@ class CastPolicy(TreePolicy):
     needs_costs = True
 
     def __init__(self, mode: str = "auto", C1: float = 4.0, C2: float = 3.0, C3: float = 2.5, R: int = 4,
-                 top_k: int = 8, max_depth: int = 10, max_width: int = 16, verify: int = 64,
+                 top_k: int = 8, max_depth: int = 16, max_width: int = 16, verify: int = 64,
                  breadth: int = 1, depth: int = 1, rerank: int = 1):
         if mode not in ("auto", "paper"):
             raise CastspecError(f"cast: mode must be 'auto' or 'paper', got '{mode}'")
@@ -134,7 +134,7 @@ class CastPolicy(TreePolicy):
         self.node_logacc: list[torch.Tensor] = []  # calibrated log-acceptance of kept nodes, per level [B, W]
         self.frontier_score = torch.zeros(ctx.batch_size, 1)  # draft path log-prob of the frontier (root: 0)
         self.frontier_logacc = torch.zeros(ctx.batch_size, 1)  # calibrated path log-acceptance of the frontier
-        self.widths: list[int] = []
+        self.widths: list[int] = []  # frontier nodes expanded after each level (0: the last level)
         self.plain = self._take_plain_step()
         self.last_plan = {"plain": self.plain}
 
@@ -174,7 +174,7 @@ class CastPolicy(TreePolicy):
             keep, expand = self._choose_paper(cand_logscore.gather(1, order))
         else:
             keep, expand = self._choose_auto(cand_logacc.gather(1, order), edge_logp)
-        self.widths.append(keep)
+        self.widths.append(expand)
         kept = order[:, :keep]
         self.node_logacc.append(cand_logacc.gather(1, kept))
         self.frontier_score = cand_logscore.gather(1, kept[:, :expand])
