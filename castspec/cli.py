@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--batch-sizes", default="1,2,4,8", help="comma-separated batch sizes")
     prof.add_argument("--contexts", default="256,1024", help="comma-separated context lengths (cache sizes)")
     prof.add_argument("--tokens", default="1,2,3,4,6,8,12,16,24,32,48,64", help="comma-separated new-token counts")
-    prof.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per shape (median)")
+    prof.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per shape (the fastest is kept)")
     prof.add_argument("--device", default="cpu")
     prof.add_argument("--threads", type=_positive_int, default=None)
     prof.add_argument("--no-fast-kernels", action="store_true")

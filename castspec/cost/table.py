@@ -1,6 +1,6 @@
 """Measured forward costs f(B, c, n) of the target and the draft, stored as data and looked up fast.
 
-A table holds, for each model role ("target", "draft"), the median time in milliseconds of one forward over n new
+A table holds, for each model role ("target", "draft"), the fastest measured time in milliseconds of one forward over n new
 tokens for B sequences whose cache holds c tokens, on a grid of B, c and n. It records what it was measured on
 (device, threads, torch version, model identity, dtype, kernels); a table for something else is refused.
 
