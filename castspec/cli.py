@@ -48,9 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "'chain:gamma=4', 'eagle2:total_tokens=16,depth=4,top_k=4', 'cast:mode=paper,C1=4'")
     source = gen.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the prompt text (default: a built-in coding prompt)")
-    source.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
+    source.add_argument("--prompt-file", type=Path,
+                        help="read the prompt from this file (with --batch-size: one prompt per line)")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--batch-size", type=_positive_int, default=1,
+                     help="with --prompt-file: generate this many lines' prompts at once")
     gen.add_argument("--device", default="cpu", help="cpu or cuda")
     gen.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     gen.add_argument("--no-fast-kernels", action="store_true", help="keep stock nn.Linear kernels on CPU")
@@ -204,10 +207,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
     if not prompt.strip():
         raise CastspecError("the prompt is empty")
+    if args.batch_size > 1 and args.prompt_file is None:
+        raise CastspecError("--batch-size needs --prompt-file with one prompt per line")
     policy = make_policy(args.policy)
     gen = load_generator(args.target, args.draft if policy.uses_draft else None, policy, device=args.device,
                          fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
                          cost_table=args.cost_table)
+    if args.batch_size > 1:
+        return _generate_batches(args, gen, [line for line in prompt.splitlines() if line.strip()])
     gen.generate(prompt, max_new_tokens=2, chat=args.chat)  # warm-up: first-call allocations are not speed
     if args.json:
         result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat)
@@ -238,6 +245,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         same = "identical output" if out["ar"]["identical"] else "OUTPUT DIFFERS from ar (see README: fp32 near-ties)"
         print(f"[ar] {b.new_tokens} tokens in {b.wall_s:.2f} s = {b.tokens_per_s:.2f} tok/s\n"
               f"speedup over plain decoding: {out['speedup_vs_ar']:.2f}x, {same}", file=sys.stderr)
+    return 0
+
+
+def _generate_batches(args: argparse.Namespace, gen, prompts: list[str]) -> int:
+    """Generate `args.batch_size` prompts at a time; print each result (or one JSON list)."""
+    outputs = []
+    for first in range(0, len(prompts), args.batch_size):
+        chunk = prompts[first:first + args.batch_size]
+        for offset, result in enumerate(gen.generate_batch(chunk, max_new_tokens=args.max_new_tokens, chat=args.chat)):
+            s = result.stats
+            outputs.append({"index": first + offset, "text": result.text, "token_ids": result.token_ids,
+                            "new_tokens": len(result.token_ids), "prompt_tokens": result.prompt_tokens,
+                            "stats": s.as_dict(per_step=args.verbose)})
+            if not args.json:
+                print(f"=== prompt {first + offset + 1} ({s.new_tokens} tokens, {s.mean_accept_len:.2f} per step, "
+                      f"batch of {len(chunk)} in {s.wall_s:.2f} s)\n{result.text}")
+    if args.json:
+        print(json.dumps(outputs))
     return 0
 
 

@@ -91,3 +91,7 @@ class DraftLM:
         tokens, valid = tokens.gather(1, order), valid.gather(1, order)
         width = max(int(valid.sum(dim=1).max()), 1)
         self.pending, self.pending_valid = tokens[:, -width:], valid[:, -width:]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.runner.keep_rows(rows)
+        self.set_pending(self.pending.index_select(0, rows), self.pending_valid.index_select(0, rows))

@@ -102,28 +102,45 @@ class SpeculativeGenerator:
     def generate(self, prompt: str | list[int] | torch.Tensor, max_new_tokens: int = 128, chat: bool = False,
                  on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
         """Generate greedily; identical tokens to the target's own greedy decoding, only faster."""
-        input_ids = self.encode(prompt, chat)
-        self._check_lengths(input_ids.shape[1], max_new_tokens)
-        stats = GenerationStats()
-        out: list[int] = []
+        callback = (lambda row, tokens: on_tokens(tokens)) if on_tokens is not None else None
+        return self.generate_batch([prompt], max_new_tokens, chat, callback)[0]
+
+    def generate_batch(self, prompts: list[str | list[int] | torch.Tensor], max_new_tokens: int = 128,
+                       chat: bool = False, on_tokens: Callable[[int, list[int]], None] | None = None,
+                       ) -> list[GenerationResult]:
+        """Generate for several prompts at once (one tree per sequence, one target forward per step for all).
+
+        Each output equals that prompt's own greedy decoding. Sequences that finish (EOS or budget) leave the batch.
+        `on_tokens(row, tokens)` is called as tokens are accepted.
+        """
+        if not prompts:
+            raise CastspecError("no prompts given")
+        ids = [self.encode(p, chat) for p in prompts]
+        for row in ids:
+            self._check_lengths(len(row), max_new_tokens)
+        stats = [GenerationStats() for _ in ids]
+        outs: list[list[int]] = [[] for _ in ids]
         start = time.perf_counter()
-        for tokens in self._decode(input_ids, max_new_tokens, stats):
-            out.extend(tokens)
+        for row, tokens in self._decode(ids, max_new_tokens, stats):
+            outs[row].extend(tokens)
             if on_tokens is not None:
-                on_tokens(tokens)
-        stats.wall_s = time.perf_counter() - start
-        stats.new_tokens = len(out)
-        text = self.tokenizer.decode(out, skip_special_tokens=True)
-        return GenerationResult(token_ids=out, text=text, stats=stats, prompt_tokens=input_ids.shape[1])
+                on_tokens(row, tokens)
+        wall = time.perf_counter() - start
+        results = []
+        for row, out in enumerate(outs):
+            stats[row].wall_s, stats[row].new_tokens = wall, len(out)
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            results.append(GenerationResult(token_ids=out, text=text, stats=stats[row], prompt_tokens=len(ids[row])))
+        return results
 
     def stream(self, prompt: str | list[int] | torch.Tensor, max_new_tokens: int = 128,
                chat: bool = False) -> Iterator[str]:
         """Yield text pieces as tokens are accepted."""
-        input_ids = self.encode(prompt, chat)
-        self._check_lengths(input_ids.shape[1], max_new_tokens)
+        ids = self.encode(prompt, chat)
+        self._check_lengths(len(ids), max_new_tokens)
         out: list[int] = []
         shown = ""
-        for tokens in self._decode(input_ids, max_new_tokens, GenerationStats()):
+        for _, tokens in self._decode([ids], max_new_tokens, [GenerationStats()]):
             out.extend(tokens)
             text = self.tokenizer.decode(out, skip_special_tokens=True)
             if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
@@ -131,7 +148,8 @@ class SpeculativeGenerator:
             yield text[len(shown):]
             shown = text
 
-    def encode(self, prompt: str | list[int] | torch.Tensor, chat: bool = False) -> torch.Tensor:
+    def encode(self, prompt: str | list[int] | torch.Tensor, chat: bool = False) -> list[int]:
+        """Token ids of a prompt given as text (optionally in the chat template), a list of ids or a tensor."""
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise CastspecError("the prompt is empty")
@@ -150,24 +168,36 @@ class SpeculativeGenerator:
             ids = list(prompt)
         if not ids:
             raise CastspecError("the prompt is empty")
-        return torch.tensor([ids], dtype=torch.long, device=self.target.device)
+        return [int(i) for i in ids]
 
     # --- the loop ------------------------------------------------------------------------------------------
-    def _decode(self, input_ids: torch.Tensor, max_new_tokens: int, stats: GenerationStats) -> Iterator[list[int]]:
-        batch = input_ids.shape[0]
-        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    def _decode(self, prompts: list[list[int]], max_new_tokens: int,
+                stats: list[GenerationStats]) -> Iterator[tuple[int, list[int]]]:
+        """Yield (row, accepted tokens) as steps complete; rows are indices into `prompts`."""
+        device = self.target.device
+        longest = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], dtype=torch.long, device=device)
+        attention_mask = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts],
+                                      device=device)
         t0 = time.perf_counter()
         root = self.target.prefill(input_ids, attention_mask).argmax(dim=-1)
         if self.drafter is not None:
             self.drafter.prefill(input_ids, attention_mask, root)
-        stats.prefill_s = time.perf_counter() - t0
-        produced = 1
-        yield [int(root[0])]
-        if int(root[0]) in self.eos_ids:
-            return
-        while produced < max_new_tokens:
+        stats[0].prefill_s = time.perf_counter() - t0
+        rows = list(range(len(prompts)))  # original index of each sequence still in the batch
+        produced = [0] * len(prompts)
+        finished = self._emit(rows, [[t] for t in root.tolist()], produced, max_new_tokens)
+        yield from ((row, [t]) for row, t in zip(rows, root.tolist(), strict=True))
+        while True:
+            if finished:
+                keep = [i for i, row in enumerate(rows) if row not in finished]
+                if not keep:
+                    return
+                root = self._drop_rows(root, keep)
+                rows = [rows[i] for i in keep]
+            batch = len(rows)
             ctx = StepContext(batch_size=batch, context_len=int(self.target.next_pos.max()),
-                              remaining=max_new_tokens - produced)
+                              remaining=max(max_new_tokens - produced[row] for row in rows))
             self.policy.begin_step(ctx)
             t0 = time.perf_counter()
             tree = self._draft(root, ctx)
@@ -187,33 +217,52 @@ class SpeculativeGenerator:
                     self.drafter.skip(outcome.bonus[:, None], torch.ones_like(outcome.bonus[:, None], dtype=torch.bool))
             t2 = time.perf_counter()
             root = outcome.bonus
-            stats.steps += 1
-            n_acc = int(outcome.n_accepted[0])
-            stats.accepted.append(n_acc)
-            stats.tree_sizes.append(tree.size)
-            stats.verified.append(vtree.size)
+            n_accepted = outcome.n_accepted.tolist()
             verified_depth = int(vtree.depth.max()) if vtree.size else 0
-            stats.depths.append(verified_depth)
-            stats.draft_s += t1 - t0
-            stats.verify_s += t2 - t1
             plan = self.policy.plan()
             record = StepRecord(tree_size=tree.size, verified=vtree.size, depth=verified_depth,
                                 accepted=outcome.n_accepted, draft_s=t1 - t0, verify_s=t2 - t1, plan=plan,
                                 **_edge_outcomes(tree, vtree, outcome))
             self.policy.observe(record)
-            if plan:
-                stats.plans.append({**plan, "accepted": n_acc, "draft_ms": round(1000 * (t1 - t0), 2),
-                                    "verify_ms": round(1000 * (t2 - t1), 2)})
-            new = outcome.new_tokens[0, : n_acc + 1].tolist()
-            new = new[: max_new_tokens - produced]
-            for i, token in enumerate(new):
+            for i, row in enumerate(rows):
+                st = stats[row]
+                st.steps += 1
+                st.accepted.append(n_accepted[i])
+                st.tree_sizes.append(tree.size)
+                st.verified.append(vtree.size)
+                st.depths.append(verified_depth)
+                st.draft_s += t1 - t0
+                st.verify_s += t2 - t1
+                if plan:
+                    st.plans.append({**plan, "accepted": n_accepted[i], "draft_ms": round(1000 * (t1 - t0), 2),
+                                     "verify_ms": round(1000 * (t2 - t1), 2)})
+            new_tokens = outcome.new_tokens.tolist()
+            accepted = [new_tokens[i][: n_accepted[i] + 1] for i in range(batch)]
+            finished = self._emit(rows, accepted, produced, max_new_tokens)
+            yield from ((row, tokens) for row, tokens in zip(rows, accepted, strict=True) if tokens)
+
+    def _emit(self, rows: list[int], accepted: list[list[int]], produced: list[int], budget: int) -> set[int]:
+        """Cut each row's accepted tokens at its budget and at EOS (in place); return the rows that finished."""
+        finished = set()
+        for row, tokens in zip(rows, accepted, strict=True):
+            del tokens[budget - produced[row]:]
+            for i, token in enumerate(tokens):
                 if token in self.eos_ids:
-                    new = new[: i + 1]
+                    del tokens[i + 1:]
+                    finished.add(row)
                     break
-            produced += len(new)
-            yield new
-            if new[-1] in self.eos_ids:
-                return
+            produced[row] += len(tokens)
+            if produced[row] >= budget:
+                finished.add(row)
+        return finished
+
+    def _drop_rows(self, root: torch.Tensor, keep: list[int]) -> torch.Tensor:
+        """Finished sequences leave the batch: they cost no more work."""
+        index = torch.tensor(keep, dtype=torch.long, device=root.device)
+        self.target.keep_rows(index)
+        if self.drafter is not None:
+            self.drafter.keep_rows(index)
+        return root[index]
 
     def _draft(self, root: torch.Tensor, ctx: StepContext) -> DraftTree:
         """Grow the tree level by level; one draft forward per expanded level."""

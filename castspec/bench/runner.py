@@ -73,7 +73,7 @@ class MethodRunner:
 
     def encode(self, prompt: Prompt) -> torch.Tensor:
         any_gen = SpeculativeGenerator(self.target_model, self.tokenizer, None, "ar")
-        return any_gen.encode(prompt.turns[0], chat=prompt.chat)
+        return torch.tensor([any_gen.encode(prompt.turns[0], chat=prompt.chat)], dtype=torch.long)
 
     def run(self, method: str, input_ids: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
         if method in HF_METHODS:

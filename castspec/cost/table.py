@@ -1,8 +1,8 @@
 """Measured forward costs f(B, c, n) of the target and the draft, stored as data and looked up fast.
 
-A table holds, for each model role ("target", "draft"), the fastest measured time in milliseconds of one forward over n new
-tokens for B sequences whose cache holds c tokens, on a grid of B, c and n. It records what it was measured on
-(device, threads, torch version, model identity, dtype, kernels); a table for something else is refused.
+A table holds, for each model role ("target", "draft"), the fastest measured time in milliseconds of one forward
+over n new tokens for B sequences whose cache holds c tokens, on a grid of B, c and n. It records what it was
+measured on (device, threads, torch version, model identity, dtype, kernels); a table for something else is refused.
 
 Lookups follow the paper's `select(c)`: the context is rounded *up* to the next grid point and capped at the
 largest. Between grid points of n and B the time is interpolated linearly (beyond the largest n, extrapolated from

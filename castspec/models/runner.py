@@ -126,3 +126,14 @@ class CausalLMRunner:
         self.slot_valid = torch.cat([self.slot_valid[:, :start], in_range], dim=1)
         self.next_pos = self.next_pos + keep_count
         self.begin_block()
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these sequences of the batch, and drop cache columns no remaining sequence uses."""
+        columns = self.slot_valid.index_select(0, rows).any(dim=0).nonzero().squeeze(1)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, rows).index_select(2, columns)
+            layer.values = layer.values.index_select(0, rows).index_select(2, columns)
+        self.slot_valid = self.slot_valid.index_select(0, rows).index_select(1, columns)
+        self.slot_pos = self.slot_pos.index_select(0, rows).index_select(1, columns)
+        self.next_pos = self.next_pos.index_select(0, rows)
+        self.begin_block()
