@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="read the prompt from this file (with --batch-size: one prompt per line)")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _sampling_arguments(gen)
     gen.add_argument("--batch-size", type=_positive_int, default=1,
                      help="with --prompt-file: generate this many lines' prompts at once")
     gen.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -190,6 +191,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 = greedy (output identical to the target's); > 0 samples exactly the target's "
+                             "distribution")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed: the same seed repeats the output")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    from castspec.verify import SamplingConfig
+
+    SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)  # validates, with a clear error
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -209,6 +226,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CastspecError("the prompt is empty")
     if args.batch_size > 1 and args.prompt_file is None:
         raise CastspecError("--batch-size needs --prompt-file with one prompt per line")
+    sampling = _sampling(args)
     policy = make_policy(args.policy)
     gen = load_generator(args.target, args.draft if policy.uses_draft else None, policy, device=args.device,
                          fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
@@ -217,16 +235,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_batches(args, gen, [line for line in prompt.splitlines() if line.strip()])
     gen.generate(prompt, max_new_tokens=2, chat=args.chat)  # warm-up: first-call allocations are not speed
     if args.json:
-        result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat)
+        result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, **sampling)
     else:
         result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
-                              on_tokens=_streamer(gen.tokenizer))
+                              on_tokens=_streamer(gen.tokenizer), **sampling)
         print()
     out = {"text": result.text, "token_ids": result.token_ids, "new_tokens": len(result.token_ids),
            "prompt_tokens": result.prompt_tokens, "policy": policy.describe(), "stats": result.stats.as_dict()}
     if args.compare:
         gen.policy = make_policy("ar")
-        baseline = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat)
+        baseline = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, **sampling)
         out["ar"] = {"stats": baseline.stats.as_dict(per_step=False),
                      "identical": baseline.token_ids == result.token_ids}
         out["speedup_vs_ar"] = round(baseline.stats.wall_s / result.stats.wall_s, 3)
@@ -242,7 +260,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"(draft {s.draft_s:.2f} s, verify {s.verify_s:.2f} s)", file=sys.stderr)
     if args.compare:
         b = baseline.stats
-        same = "identical output" if out["ar"]["identical"] else "OUTPUT DIFFERS from ar (see README: fp32 near-ties)"
+        if args.temperature > 0:
+            same = "sampled: outputs differ by chance, the distribution is the same"
+        else:
+            same = ("identical output" if out["ar"]["identical"]
+                    else "OUTPUT DIFFERS from ar (fp32 near-tie, see README)")
         print(f"[ar] {b.new_tokens} tokens in {b.wall_s:.2f} s = {b.tokens_per_s:.2f} tok/s\n"
               f"speedup over plain decoding: {out['speedup_vs_ar']:.2f}x, {same}", file=sys.stderr)
     return 0
@@ -253,7 +275,8 @@ def _generate_batches(args: argparse.Namespace, gen, prompts: list[str]) -> int:
     outputs = []
     for first in range(0, len(prompts), args.batch_size):
         chunk = prompts[first:first + args.batch_size]
-        for offset, result in enumerate(gen.generate_batch(chunk, max_new_tokens=args.max_new_tokens, chat=args.chat)):
+        results = gen.generate_batch(chunk, max_new_tokens=args.max_new_tokens, chat=args.chat, **_sampling(args))
+        for offset, result in enumerate(results):
             s = result.stats
             outputs.append({"index": first + offset, "text": result.text, "token_ids": result.token_ids,
                             "new_tokens": len(result.token_ids), "prompt_tokens": result.prompt_tokens,

@@ -5,7 +5,7 @@ only the policy differs. A step is:
 
     policy.begin_step  -> the drafter expands the tree level by level as the policy chooses
     policy.select      -> the target verifies root + selected nodes in one forward (tree mask, depth positions)
-    verify_greedy      -> accepted path + bonus token; both KV caches keep exactly the accepted path
+    verify             -> accepted path + bonus token (greedy or sampled); both KV caches keep exactly that path
     policy.observe     -> timings and acceptance, for policies that learn online
 """
 
@@ -24,7 +24,7 @@ from castspec.errors import CastspecError
 from castspec.models.runner import CausalLMRunner
 from castspec.policies import StepContext, StepRecord, TreePolicy, make_policy
 from castspec.tree import DraftTree
-from castspec.verify import verify_greedy
+from castspec.verify import SamplingConfig, TokenChooser, verify
 
 
 @dataclass
@@ -100,19 +100,23 @@ class SpeculativeGenerator:
 
     # --- public API ----------------------------------------------------------------------------------------
     def generate(self, prompt: str | list[int] | torch.Tensor, max_new_tokens: int = 128, chat: bool = False,
-                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
-        """Generate greedily; identical tokens to the target's own greedy decoding, only faster."""
+                 on_tokens: Callable[[list[int]], None] | None = None, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None) -> GenerationResult:
+        """Generate. Greedy (temperature 0) gives exactly the target's own greedy tokens; sampling gives exactly
+        the target's distribution (temperature, top-k, top-p as in `transformers`); `seed` makes it repeatable."""
         callback = (lambda row, tokens: on_tokens(tokens)) if on_tokens is not None else None
-        return self.generate_batch([prompt], max_new_tokens, chat, callback)[0]
+        return self.generate_batch([prompt], max_new_tokens, chat, callback, temperature, top_k, top_p, seed)[0]
 
     def generate_batch(self, prompts: list[str | list[int] | torch.Tensor], max_new_tokens: int = 128,
                        chat: bool = False, on_tokens: Callable[[int, list[int]], None] | None = None,
+                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                        ) -> list[GenerationResult]:
         """Generate for several prompts at once (one tree per sequence, one target forward per step for all).
 
-        Each output equals that prompt's own greedy decoding. Sequences that finish (EOS or budget) leave the batch.
-        `on_tokens(row, tokens)` is called as tokens are accepted.
+        Each output is distributed exactly as that prompt's own decoding (identical, when greedy). Sequences that
+        finish (EOS or budget) leave the batch. `on_tokens(row, tokens)` is called as tokens are accepted.
         """
+        chooser = TokenChooser(SamplingConfig(temperature, top_k, top_p, seed), self.target.device)
         if not prompts:
             raise CastspecError("no prompts given")
         ids = [self.encode(p, chat) for p in prompts]
@@ -121,7 +125,7 @@ class SpeculativeGenerator:
         stats = [GenerationStats() for _ in ids]
         outs: list[list[int]] = [[] for _ in ids]
         start = time.perf_counter()
-        for row, tokens in self._decode(ids, max_new_tokens, stats):
+        for row, tokens in self._decode(ids, max_new_tokens, stats, chooser):
             outs[row].extend(tokens)
             if on_tokens is not None:
                 on_tokens(row, tokens)
@@ -133,14 +137,16 @@ class SpeculativeGenerator:
             results.append(GenerationResult(token_ids=out, text=text, stats=stats[row], prompt_tokens=len(ids[row])))
         return results
 
-    def stream(self, prompt: str | list[int] | torch.Tensor, max_new_tokens: int = 128,
-               chat: bool = False) -> Iterator[str]:
+    def stream(self, prompt: str | list[int] | torch.Tensor, max_new_tokens: int = 128, chat: bool = False,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+               ) -> Iterator[str]:
         """Yield text pieces as tokens are accepted."""
         ids = self.encode(prompt, chat)
         self._check_lengths(len(ids), max_new_tokens)
+        chooser = TokenChooser(SamplingConfig(temperature, top_k, top_p, seed), self.target.device)
         out: list[int] = []
         shown = ""
-        for _, tokens in self._decode([ids], max_new_tokens, [GenerationStats()]):
+        for _, tokens in self._decode([ids], max_new_tokens, [GenerationStats()], chooser):
             out.extend(tokens)
             text = self.tokenizer.decode(out, skip_special_tokens=True)
             if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
@@ -171,8 +177,8 @@ class SpeculativeGenerator:
         return [int(i) for i in ids]
 
     # --- the loop ------------------------------------------------------------------------------------------
-    def _decode(self, prompts: list[list[int]], max_new_tokens: int,
-                stats: list[GenerationStats]) -> Iterator[tuple[int, list[int]]]:
+    def _decode(self, prompts: list[list[int]], max_new_tokens: int, stats: list[GenerationStats],
+                choose: TokenChooser) -> Iterator[tuple[int, list[int]]]:
         """Yield (row, accepted tokens) as steps complete; rows are indices into `prompts`."""
         device = self.target.device
         longest = max(len(p) for p in prompts)
@@ -180,7 +186,7 @@ class SpeculativeGenerator:
         attention_mask = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts],
                                       device=device)
         t0 = time.perf_counter()
-        root = self.target.prefill(input_ids, attention_mask).argmax(dim=-1)
+        root = choose(self.target.prefill(input_ids, attention_mask))
         if self.drafter is not None:
             self.drafter.prefill(input_ids, attention_mask, root)
         stats[0].prefill_s = time.perf_counter() - t0
@@ -207,7 +213,7 @@ class SpeculativeGenerator:
             tokens, positions, block_mask = vtree.block_inputs(self.target.next_pos)
             self.target.begin_block()
             logits = self.target.forward(tokens, positions, block_mask)
-            outcome = verify_greedy(vtree, logits)
+            outcome = verify(vtree, choose(logits))
             root_slot = torch.zeros_like(outcome.bonus)[:, None]
             self.target.commit(torch.cat([root_slot, outcome.path + 1], dim=1), outcome.n_accepted + 1)
             if self.drafter is not None:

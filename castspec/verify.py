@@ -1,9 +1,25 @@
-"""Decide which drafted tokens the target accepts.
+"""Decide which drafted tokens the target accepts — greedy or sampled, and lossless either way.
 
-Greedy (temperature 0): a node is accepted when its token equals the target's argmax at its parent and every
-ancestor was accepted too. Siblings carry distinct tokens, so the accepted nodes form one root-to-node path; the
-target's argmax at the deepest accepted node is the bonus token. The output is therefore exactly what greedy
-decoding with the target alone would produce.
+The target's token at every verified position (root and nodes) is decided first: its argmax (greedy), or one
+independent draw from its distribution after temperature / top-k / top-p, applied exactly as `transformers`
+`generate` applies them (sampling). A node is accepted when its token equals the target's token at its parent and
+every ancestor was accepted too. Siblings carry distinct tokens, so the accepted nodes form one root-to-node path;
+the target's token at the deepest accepted node is the bonus token.
+
+Why sampling is lossless for any tree shape: walk the accepted path from the root. At each node the next output
+token is the target's draw y at that node, y ~ p(. | prefix); if a child carries y we move to the child and repeat
+with the child's own, independent draw, else y is the bonus token and the step ends. So every emitted token is a
+fresh draw from the target's conditional distribution given everything emitted before it — plain sampling from the
+target, whatever the tree. Draws at nodes off the path are simply unused.
+
+This is the recursive rejection scheme of multi-draft speculative sampling (SpecInfer) specialised to how our
+drafts propose children: deterministically, the draft's top-k tokens without replacement (a point-mass proposal
+per child, q = 1). With q = 1, "accept child x with probability p(x)/q(x), else zero x out of p and renormalise,
+try the next child, finally sample the bonus from the residual" accepts child x with total probability exactly p(x)
+and otherwise yields a draw from p restricted to non-children — the same law as drawing y ~ p once and following
+the child equal to y, which is what we compute (in one vectorised draw per position). The acceptance rate is the
+target mass on the children, the best any verifier can get from a fixed set of candidates. Stochastic drafts
+(children sampled from the draft's q) would need the q-ratio test instead; castspec never drafts that way.
 """
 
 from __future__ import annotations
@@ -25,9 +41,70 @@ class Outcome:
     new_tokens: torch.Tensor  # [B, D + 1] accepted draft tokens then the bonus; valid up to n_accepted + 1
 
 
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the target's next token is chosen: greedy (temperature 0) or sampled like `transformers.generate`."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        from castspec.errors import CastspecError
+
+        if self.temperature < 0:
+            raise CastspecError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise CastspecError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise CastspecError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class TokenChooser:
+    """Chooses the target's token at each position from its logits, greedily or by seeded sampling."""
+
+    def __init__(self, config: SamplingConfig, device: torch.device | str = "cpu"):
+        self.config = config
+        self.generator = None
+        self.warpers = None
+        if not config.greedy:
+            from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+            warpers = [TemperatureLogitsWarper(config.temperature)]
+            if config.top_k:
+                warpers.append(TopKLogitsWarper(config.top_k))
+            if config.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(config.top_p))
+            self.warpers = LogitsProcessorList(warpers)  # the same order as `generate`'s sampling warpers
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The target's sampling distribution for logits [..., V] (for tests and diagnostics)."""
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        return torch.softmax(self.warpers(None, flat), dim=-1).view(logits.shape)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Tokens [...] for logits [..., V]: argmax, or one independent draw per position."""
+        if self.config.greedy:
+            return logits.argmax(dim=-1)
+        probs = self.probabilities(logits)
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=self.generator).view(probs.shape[:-1])
+
+
 def verify_greedy(tree: VerifyTree, logits: torch.Tensor) -> Outcome:
     """`logits` [B, 1 + M, V] are the target's logits at the root (slot 0) and at each node."""
-    target_next = logits.argmax(dim=-1)  # [B, 1 + M]
+    return verify(tree, logits.argmax(dim=-1))
+
+
+def verify(tree: VerifyTree, target_next: torch.Tensor) -> Outcome:
+    """`target_next` [B, 1 + M] is the target's chosen token at the root (slot 0) and after each node."""
     batch, count = tree.tokens.shape
     max_depth = int(tree.depth.max()) if count else 0
     expected = target_next.gather(1, tree.parent_pos + 1)

@@ -69,6 +69,9 @@ def test_generate_streams_text(pair, capsys):
     (["--policy", "nonsense"], "unknown policy"),
     (["--policy", "chain:gamma=x=1"], "bad parameters"),
     (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read --prompt-file"),
+    (["--temperature", "-1"], "temperature must be"),
+    (["--top-p", "0"], "top_p must be"),
+    (["--batch-size", "2"], "--batch-size needs --prompt-file"),
 ])
 def test_bad_input_is_a_clear_error(pair, capsys, argv, message):
     target, draft, _ = pair
@@ -95,3 +98,24 @@ def test_max_new_tokens_must_be_positive(pair, capsys, value):
         main(["generate", "--target", target, "--draft", draft, "--prompt", "hi", "--max-new-tokens", value])
     assert exc.value.code == 2
     assert "--max-new-tokens" in capsys.readouterr().err
+
+
+def test_sampling_with_seed_repeats(pair, capsys):
+    target, draft, _ = pair
+    argv = ["generate", "--target", target, "--draft", draft, "--policy", "chain", "--prompt", "hello",
+            "--max-new-tokens", "8", "--json", "--temperature", "0.9", "--top-k", "20", "--seed", "3"]
+    first = json.loads(run(capsys, *argv)[1])
+    second = json.loads(run(capsys, *argv)[1])
+    assert first["token_ids"] == second["token_ids"]
+
+
+def test_batch_prompt_file(pair, capsys, tmp_path):
+    target, draft, _ = pair
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\nabc\n\nxyz 12\n")
+    code, out, err = run(capsys, "generate", "--target", target, "--draft", draft, "--policy", "static",
+                         "--prompt-file", str(prompts), "--batch-size", "2", "--max-new-tokens", "6", "--json")
+    assert code == 0, err
+    results = json.loads(out)
+    assert [r["index"] for r in results] == [0, 1, 2]
+    assert all(r["new_tokens"] == 6 for r in results)
