@@ -71,9 +71,31 @@ class MethodRunner:
         if "hf-assisted" in config.methods:
             self.stock_draft, _ = load_model(config.draft, device=config.device)
 
-    def encode(self, prompt: Prompt) -> torch.Tensor:
-        any_gen = SpeculativeGenerator(self.target_model, self.tokenizer, None, "ar")
-        return torch.tensor([any_gen.encode(prompt.turns[0], chat=prompt.chat)], dtype=torch.long)
+    def encode(self, prompt: Prompt, history: list[dict[str, str]] | None = None) -> torch.Tensor:
+        """Token ids of a prompt's first turn, or of the whole conversation so far plus the next user turn."""
+        if not prompt.chat:
+            ids = self.tokenizer(prompt.turns[0])["input_ids"]
+        else:
+            messages = (history or []) + [{"role": "user", "content": prompt.turns[len(history or []) // 2]}]
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = ids if isinstance(ids, list) else ids["input_ids"]
+        return torch.tensor([ids], dtype=torch.long)
+
+    def run_prompt(self, method: str, prompt: Prompt, max_new_tokens: int) -> dict[str, Any]:
+        """All turns of a prompt as one conversation (each turn sees this method's own earlier answers)."""
+        history: list[dict[str, str]] = []
+        total: dict[str, Any] = {}
+        for _ in prompt.turns if prompt.chat else prompt.turns[:1]:
+            input_ids = self.encode(prompt, history)
+            rec = self.run(method, input_ids, max_new_tokens)
+            for key, value in rec.items():
+                total[key] = total.get(key, 0.0 if isinstance(value, float) else type(value)()) + value
+            total.setdefault("prompt_tokens", []).append(int(input_ids.shape[1]))
+            total.setdefault("turn_tokens", []).append(len(rec["token_ids"]))
+            answer = self.tokenizer.decode(rec["token_ids"], skip_special_tokens=True)
+            history += [{"role": "user", "content": prompt.turns[len(history) // 2]},
+                        {"role": "assistant", "content": answer}]
+        return total
 
     def run(self, method: str, input_ids: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
         if method in HF_METHODS:
@@ -97,11 +119,14 @@ class MethodRunner:
         new = out[0, input_ids.shape[1]:].tolist()
         return {"token_ids": new, "wall_s": wall, "new_tokens": len(new)}
 
-    def divergence(self, input_ids: torch.Tensor, reference: list[int], other: list[int]) -> dict[str, Any] | None:
+    def divergence(self, input_ids: torch.Tensor, reference: list[int], other: list[int],
+                   first_turn_tokens: int) -> dict[str, Any] | None:
         """Where `other` first differs from `reference` (plain decoding), and how close the target's call was."""
         index = next((i for i, (a, b) in enumerate(zip(reference, other, strict=False)) if a != b), None)
         if index is None:
             return None
+        if index >= first_turn_tokens:  # in a later turn: the prompt differs too, report the position only
+            return {"index": index, "ar_token": reference[index], "other_token": other[index], "logit_gap": None}
         prefix = torch.cat([input_ids[0], torch.tensor(reference[:index], dtype=torch.long)])[None]
         with torch.inference_mode():
             logits = self.target_model(prefix.to(self.target_model.device), logits_to_keep=1).logits[0, -1].float()
@@ -120,6 +145,8 @@ def run_bench(config: BenchConfig, prompts: list[Prompt]) -> dict[str, Any]:
                 runner.run(method, warm, 4)
             except Exception:  # reported properly in the real run
                 pass
+        if any(p.chat for p in prompts) and not getattr(runner.tokenizer, "chat_template", None):
+            raise CastspecError("these prompts need a chat template, and the target's tokenizer has none")
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(prompts) * len(config.methods), desc="bench", unit="run")
     for prompt in prompts:
@@ -128,7 +155,7 @@ def run_bench(config: BenchConfig, prompts: list[Prompt]) -> dict[str, Any]:
         for method in config.methods:
             bar.set_postfix_str(f"{prompt.id} {method}")
             try:
-                per_method[method] = runner.run(method, input_ids, config.max_new_tokens)
+                per_method[method] = runner.run_prompt(method, prompt, config.max_new_tokens)
             except Exception as err:  # one failing method must not lose the whole run
                 per_method[method] = {"error": f"{type(err).__name__}: {err}",
                                       "traceback": traceback.format_exc(limit=3)}
@@ -138,7 +165,8 @@ def run_bench(config: BenchConfig, prompts: list[Prompt]) -> dict[str, Any]:
             if reference is not None and "token_ids" in rec and method != "ar":
                 rec["identical_to_ar"] = rec["token_ids"] == reference
                 if not rec["identical_to_ar"]:
-                    rec["divergence"] = runner.divergence(input_ids, reference, rec["token_ids"])
+                    first_turn = per_method["ar"]["turn_tokens"][0]
+                    rec["divergence"] = runner.divergence(input_ids, reference, rec["token_ids"], first_turn)
         records.append({"prompt": prompt.id, "task": prompt.task, "prompt_tokens": int(input_ids.shape[1]),
                         "methods": per_method})
     bar.close()
