@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", default=f"ar,hf,{DEFAULT_POLICY}",
                        help="comma-separated; separate a method's own parameters with '/' instead of ',' "
                             "(e.g. eagle2:total_tokens=16/depth=4)")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling (lossless)")
+    bench.add_argument("--top-k", type=int, default=0)
+    bench.add_argument("--top-p", type=float, default=1.0)
+    bench.add_argument("--seed", type=int, default=0, help="prompt choice and sampling seed")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--threads", type=_positive_int, default=None)
     bench.add_argument("--draft-quant", choices=["int8", "none"], default="int8")
@@ -181,7 +184,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CastspecError("--methods is empty")
     prompts = load_prompts(args.dataset, args.num_prompts, args.seed)
     config = BenchConfig(target=args.target, draft=args.draft, methods=methods, max_new_tokens=args.max_new_tokens,
-                         device=args.device, draft_quant=args.draft_quant, cost_table=args.cost_table)
+                         device=args.device, draft_quant=args.draft_quant, cost_table=args.cost_table,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    _sampling(args)  # validate
     results = run_bench(config, prompts)
     results["config"]["dataset"] = args.dataset
     command = "castspec " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -19,7 +19,9 @@ def write_report(results: dict[str, Any], out_dir: Path, command: str) -> list[P
 
 def markdown_table(results: dict[str, Any]) -> str:
     summary, env, config = results["summary"], results["environment"], results["config"]
-    lines = [f"# castspec bench: {len(results['prompts'])} prompts, {config['max_new_tokens']} new tokens, greedy", "",
+    mode = "greedy" if not config.get("temperature") else (
+        f"sampling T={config['temperature']}, top-k {config.get('top_k') or 'off'}, top-p {config.get('top_p')}")
+    lines = [f"# castspec bench: {len(results['prompts'])} prompts, {config['max_new_tokens']} new tokens, {mode}", "",
              f"Command: `{results.get('command', '')}`", "",
              f"Environment: {env['cpu']}, {env['threads']} threads, torch {env['torch']}, "
              f"transformers {env['transformers']}; target kernels {env['target_kernels']}"

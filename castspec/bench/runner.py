@@ -36,6 +36,10 @@ class BenchConfig:
     device: str = "cpu"
     draft_quant: str = "int8"
     warmup: bool = True
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
     cost_table: str | None = None
 
 
@@ -100,7 +104,9 @@ class MethodRunner:
     def run(self, method: str, input_ids: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
         if method in HF_METHODS:
             return self._run_hf(method, input_ids, max_new_tokens)
-        result = self.generators[method].generate(input_ids, max_new_tokens=max_new_tokens)
+        c = self.config
+        result = self.generators[method].generate(input_ids, max_new_tokens=max_new_tokens, temperature=c.temperature,
+                                                  top_k=c.top_k, top_p=c.top_p, seed=c.seed)
         stats = result.stats
         return {"token_ids": result.token_ids, "wall_s": stats.wall_s, "new_tokens": stats.new_tokens,
                 "steps": stats.steps, "accepted": stats.accepted, "depths": stats.depths,
@@ -108,7 +114,12 @@ class MethodRunner:
 
     @torch.inference_mode()
     def _run_hf(self, method: str, input_ids: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
-        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False,
+        c = self.config
+        sampling = dict(do_sample=True, temperature=c.temperature, top_k=c.top_k or None, top_p=c.top_p)
+        if c.temperature > 0:
+            torch.manual_seed(c.seed)
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, **(sampling if c.temperature > 0 else
+                                                                         {"do_sample": False}),
                                       attention_mask=torch.ones_like(input_ids),
                                       pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
         if method == "hf-assisted":
@@ -160,7 +171,7 @@ def run_bench(config: BenchConfig, prompts: list[Prompt]) -> dict[str, Any]:
                 per_method[method] = {"error": f"{type(err).__name__}: {err}",
                                       "traceback": traceback.format_exc(limit=3)}
             bar.update(1)
-        reference = per_method.get("ar", {}).get("token_ids")
+        reference = per_method.get("ar", {}).get("token_ids") if config.temperature == 0 else None
         for method, rec in per_method.items():
             if reference is not None and "token_ids" in rec and method != "ar":
                 rec["identical_to_ar"] = rec["token_ids"] == reference
