@@ -1,7 +1,7 @@
 """Load a target/draft pair by name or path and build a generator — the Python entry point.
 
     from castspec import load_generator
-    gen = load_generator("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", policy="static")
+    gen = load_generator("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", policy="cast")
     result = gen.generate("def fibonacci(n):", max_new_tokens=64)
     print(result.text, result.stats.tokens_per_s)
 """
@@ -20,7 +20,7 @@ from castspec.policies import TreePolicy, make_policy
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
-DEFAULT_POLICY = "chain:gamma=4"
+DEFAULT_POLICY = "cast"
 
 
 def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRAFT,

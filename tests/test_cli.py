@@ -68,6 +68,7 @@ def test_generate_streams_text(pair, capsys):
     (["--prompt", "ab " * 1000], "exceeds the model's context"),
     (["--policy", "nonsense"], "unknown policy"),
     (["--policy", "chain:gamma=x=1"], "bad parameters"),
+    (["--policy", "cast:mode=fast"], "mode must be"),
     (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read --prompt-file"),
     (["--temperature", "-1"], "temperature must be"),
     (["--top-p", "0"], "top_p must be"),
@@ -75,7 +76,7 @@ def test_generate_streams_text(pair, capsys):
 ])
 def test_bad_input_is_a_clear_error(pair, capsys, argv, message):
     target, draft, _ = pair
-    base = ["generate", "--target", target, "--draft", draft, "--max-new-tokens", "4"]
+    base = ["generate", "--target", target, "--draft", draft, "--max-new-tokens", "4", "--policy", "chain"]
     if "--prompt-file" not in argv:
         base += ["--prompt", "hello"]
     code, _, err = run(capsys, *base, *argv)
