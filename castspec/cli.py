@@ -41,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "produce; the draft and the tree policy only change the speed. Models are a local Hugging Face "
                     f"directory or a built-in name ({names}).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    gen.add_argument("--target", default=DEFAULT_TARGET, help="target model: directory or built-in name")
-    gen.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model with the target's tokenizer")
+    _model_arguments(gen, DEFAULT_TARGET, DEFAULT_DRAFT)
     gen.add_argument("--policy", default=DEFAULT_POLICY,
                      help="tree policy: ar, chain, static, eagle2, cast, optionally with parameters, e.g. "
                           "'chain:gamma=4', 'eagle2:total_tokens=16,depth=4,top_k=4', 'cast:mode=paper,C1=4'")
@@ -55,11 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_arguments(gen)
     gen.add_argument("--batch-size", type=_positive_int, default=1,
                      help="with --prompt-file: generate this many lines' prompts at once")
-    gen.add_argument("--device", default="cpu", help="cpu or cuda")
-    gen.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     gen.add_argument("--no-fast-kernels", action="store_true", help="keep stock nn.Linear kernels on CPU")
-    gen.add_argument("--draft-quant", choices=["int8", "none"], default="int8",
-                     help="run the draft's linears in int8 on CPU (lossless: the target decides every token)")
     gen.add_argument("--compare", action="store_true",
                      help="also run plain decoding (ar) on the same prompt and report the speedup")
     gen.add_argument("--cost-table", default=None,
@@ -75,16 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "the draft as `generate` runs them (same kernels), on a grid. Writes a JSON cost table that the "
                     "cast policy uses; by default into the cache where `generate` finds it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    prof.add_argument("--target", default=DEFAULT_TARGET)
-    prof.add_argument("--draft", default=DEFAULT_DRAFT)
+    _model_arguments(prof, DEFAULT_TARGET, DEFAULT_DRAFT)
     prof.add_argument("--batch-sizes", default="1,2,4,8", help="comma-separated batch sizes")
     prof.add_argument("--contexts", default="256,1024", help="comma-separated context lengths (cache sizes)")
     prof.add_argument("--tokens", default="1,2,3,4,6,8,12,16,24,32,48,64", help="comma-separated new-token counts")
     prof.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per shape (the fastest is kept)")
-    prof.add_argument("--device", default="cpu")
-    prof.add_argument("--threads", type=_positive_int, default=None)
-    prof.add_argument("--no-fast-kernels", action="store_true")
-    prof.add_argument("--draft-quant", choices=["int8", "none"], default="int8")
+    prof.add_argument("--no-fast-kernels", action="store_true", help="keep stock nn.Linear kernels on CPU")
     prof.add_argument("--out", type=Path, default=None, help="where to write the table (default: the cache)")
     prof.set_defaults(func=cmd_profile)
 
@@ -94,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "results.json, results.md and plots to --out. Methods: ar (plain decoding, our loop), hf (stock "
                     "transformers generate), hf-assisted (stock generate with assistant_model), or any --policy spec.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    bench.add_argument("--target", default=DEFAULT_TARGET)
-    bench.add_argument("--draft", default=DEFAULT_DRAFT)
+    _model_arguments(bench, DEFAULT_TARGET, DEFAULT_DRAFT)
     bench.add_argument("--dataset", default="humaneval",
                        help="humaneval, or spec-bench:PATH[:TASK,...] with tasks mt-bench, gsm8k, cnn-dm, "
                             "natural-questions, translation, rag")
@@ -108,15 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--top-k", type=int, default=0)
     bench.add_argument("--top-p", type=float, default=1.0)
     bench.add_argument("--seed", type=int, default=0, help="prompt choice and sampling seed")
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--threads", type=_positive_int, default=None)
-    bench.add_argument("--draft-quant", choices=["int8", "none"], default="int8")
     bench.add_argument("--cost-table", default=None, help="cost table for cast methods (default: cached/profiled)")
     bench.add_argument("--quick", action="store_true",
                        help="a small run (2 prompts, 16 tokens, ar,hf,chain,eagle2,cast) to check the setup")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
     bench.set_defaults(func=cmd_bench)
     return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser, target: str, draft: str) -> None:
+    parser.add_argument("--target", default=target, help="target model: directory or built-in name")
+    parser.add_argument("--draft", default=draft, help="draft model with the target's tokenizer")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    parser.add_argument("--draft-quant", choices=["int8", "none"], default="int8",
+                        help="run the draft's linears in int8 on CPU (lossless: the target decides every token)")
 
 
 def _int_list(text: str, flag: str) -> list[int]:
