@@ -256,8 +256,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for number, plan in enumerate(result.stats.plans or [], start=1):
             print(f"step {number}: " + ", ".join(f"{k}={v}" for k, v in plan.items()), file=sys.stderr)
     s = result.stats
-    label = " ".join(f"{k}={v}" for k, v in policy.describe().items() if k != "policy")
-    print(f"\n[{policy.name}{' ' + label if label else ''}] {s.new_tokens} tokens in {s.wall_s:.2f} s = {s.tokens_per_s:.2f} tok/s; "
+    label = " ".join([policy.name] + [f"{k}={v}" for k, v in policy.describe().items() if k != "policy"])
+    print(f"\n[{label}] {s.new_tokens} tokens in {s.wall_s:.2f} s = {s.tokens_per_s:.2f} tok/s; "
           f"{s.steps} target steps, {s.mean_accept_len:.2f} tokens per step "
           f"(draft {s.draft_s:.2f} s, verify {s.verify_s:.2f} s)", file=sys.stderr)
     if args.compare:
