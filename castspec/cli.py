@@ -86,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "transformers generate), hf-assisted (stock generate with assistant_model), or any --policy spec.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _model_arguments(bench, DEFAULT_TARGET, DEFAULT_DRAFT)
-    bench.add_argument("--dataset", default="humaneval",
+    bench.add_argument("--dataset", action="append", default=None,
                        help="humaneval, or spec-bench:PATH[:TASK,...] with tasks mt-bench, gsm8k, cnn-dm, "
-                            "natural-questions, translation, rag")
+                            "natural-questions, translation, rag; repeat to run several in one table "
+                            "(default: humaneval)")
     bench.add_argument("--num-prompts", type=_positive_int, default=8, help="prompts per task (seeded choice)")
     bench.add_argument("--max-new-tokens", type=_positive_int, default=128)
     bench.add_argument("--methods", default=f"ar,hf,{DEFAULT_POLICY}",
@@ -99,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--top-p", type=float, default=1.0)
     bench.add_argument("--seed", type=int, default=0, help="prompt choice and sampling seed")
     bench.add_argument("--cost-table", default=None, help="cost table for cast methods (default: cached/profiled)")
+    bench.add_argument("--batch-size", default="1",
+                       help="comma-separated batch sizes, e.g. 1,2,4,8: prompts are decoded B at a time by every "
+                            "method (hf-assisted: batch 1 only, as in transformers)")
+    bench.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run in --out (same settings): measured prompts are kept")
     bench.add_argument("--quick", action="store_true",
                        help="a small run (2 prompts, 16 tokens, ar,hf,chain,eagle2,cast) to check the setup")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
@@ -178,14 +184,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     methods = [m.strip().replace("/", ",") for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise CastspecError("--methods is empty")
-    prompts = load_prompts(args.dataset, args.num_prompts, args.seed)
+    datasets = args.dataset or ["humaneval"]
+    prompts = [p for dataset in datasets for p in load_prompts(dataset, args.num_prompts, args.seed)]
+    batch_sizes = _int_list(args.batch_size, "--batch-size")
     config = BenchConfig(target=args.target, draft=args.draft, methods=methods, max_new_tokens=args.max_new_tokens,
                          device=args.device, draft_quant=args.draft_quant, cost_table=args.cost_table,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                         batch_sizes=batch_sizes, datasets=datasets, num_prompts=args.num_prompts)
     _sampling(args)  # validate
-    results = run_bench(config, prompts)
-    results["config"]["dataset"] = args.dataset
     command = "castspec " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    results = run_bench(config, prompts, out_dir=args.out, resume=args.resume,
+                        on_group=lambda partial: write_report(partial, args.out, command))
     paths = write_report(results, args.out, command)
     print(paths[1].read_text())
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)

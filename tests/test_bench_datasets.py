@@ -50,13 +50,14 @@ def test_malformed_lines_and_unknown_tasks(tmp_path):
 
 
 def test_summary_reports_failures_and_ratios():
-    ok = {"token_ids": [1, 2], "new_tokens": 2, "wall_s": 1.0, "steps": 1, "accepted": [1], "depths": [2],
-          "verified": [3], "draft_s": 0.2, "verify_s": 0.7, "identical_to_ar": True}
-    records = [{"prompt": "a", "methods": {"ar": {"token_ids": [1, 2], "new_tokens": 2, "wall_s": 2.0},
-                                           "chain": ok}},
-               {"prompt": "b", "methods": {"ar": {"token_ids": [1], "new_tokens": 1, "wall_s": 1.0},
-                                           "chain": {"error": "RuntimeError: boom"}}}]
+    ok = {"token_ids": [[1, 2]], "new_tokens": 2, "wall_s": 1.0, "steps": 1, "accepted": [1], "depths": [2],
+          "verified": [3], "draft_s": 0.2, "verify_s": 0.7, "identical_to_ar": [True]}
+    records = [{"group": "a", "prompts": ["a"], "methods": {"ar": {"token_ids": [[1, 2]], "new_tokens": 2,
+                                                                   "wall_s": 2.0}, "chain": ok}},
+               {"group": "b", "prompts": ["b"], "methods": {"ar": {"token_ids": [[1]], "new_tokens": 1, "wall_s": 1.0},
+                                                            "chain": {"error": "RuntimeError: boom"}}}]
     summary = summarize(records, ["ar", "chain"])
-    assert summary["chain"]["failed"] == ["b"]
+    assert summary["chain"]["failed"] == [{"group": "b", "error": "RuntimeError: boom"}]
     assert summary["chain"]["speedup_vs_ar"] == pytest.approx(2.0 / (3 / 3.0))
     assert summary["chain"]["acceptance_by_position"] == [1.0, 0.0]
+    assert summary["chain"]["mean_verified_nodes"] == 3

@@ -19,6 +19,7 @@ def save_tiny(path, seed=0, layers=2, alphabet="abcdefghijklmnopqrstuvwxyz012345
         vocab[char] = len(vocab)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                unk_token=None)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     tokenizer.save_pretrained(path)
     tiny_model("qwen2", seed=seed, layers=layers, sharpen=4.0).to(torch.float32).save_pretrained(path)
     return str(path)
@@ -120,3 +121,67 @@ def test_batch_prompt_file(pair, capsys, tmp_path):
     results = json.loads(out)
     assert [r["index"] for r in results] == [0, 1, 2]
     assert all(r["new_tokens"] == 6 for r in results)
+
+
+def _spec_bench_file(path):
+    rows = [{"question_id": 1, "category": "qa", "turns": ["who is x"]},
+            {"question_id": 2, "category": "qa", "turns": ["what is y"]},
+            {"question_id": 3, "category": "qa", "turns": ["why z"]},
+            {"question_id": 4, "category": "writing", "turns": ["write abc", "now shorter"]},
+            {"question_id": 5, "category": "writing", "turns": ["write xyz", "again"]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_bench_tasks_batches_and_resume(pair, capsys, tmp_path):
+    target, draft, _ = pair
+    questions = _spec_bench_file(tmp_path / "question.jsonl")
+    out = tmp_path / "out"
+    argv = ["bench", "--target", target, "--draft", draft, "--dataset", f"spec-bench:{questions}:qa",
+            "--dataset", f"spec-bench:{questions}:mt-bench", "--num-prompts", "2", "--batch-size", "1,2",
+            "--methods", "ar,hf,hf-assisted,chain:gamma=2", "--max-new-tokens", "5", "--out", str(out)]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and results["groups_done"] == results["groups_planned"] == 6  # 2x2 at B=1, 1+1 at B=2
+    assert set(results["by_batch_size"]) == {"1", "2"}
+    single, batched = results["by_batch_size"]["1"], results["by_batch_size"]["2"]
+    assert set(single["by_task"]) == {"qa", "mt-bench"}
+    assert "hf-assisted" in single["summary"] and "hf-assisted" not in batched["summary"]  # batch 1 only
+    for part in (single, batched):
+        for method, entry in part["summary"].items():
+            assert entry["failed"] == [], method
+            assert entry["prompts"] == 4 and entry["tokens_per_s"] > 0
+            assert entry["peak_rss_mb"] > 0
+    mt = next(r for r in results["records"] if r["task"] == "mt-bench" and r["batch_size"] == 2)
+    assert [len(t) for t in mt["methods"]["ar"]["turn_tokens"]] == [2, 2]  # both turns, for both rows
+    assert batched["summary"]["chain:gamma=2"]["mean_verified_nodes"] > 0
+    for name in ("results.md", "speedup.png", "speedup_by_task.png", "batch_sizes.png", "accept_hist.png"):
+        assert (out / name).stat().st_size > 100, name
+    assert "B=2" in (out / "results.md").read_text()
+
+    # an interrupted run: drop the last measured group, then resume -> only that group is measured again
+    log = out / "records.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:-1]) + "\n")
+    code, _, err = run(capsys, *argv, "--resume")
+    assert code == 0, err
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["groups_done"] == 6 and len(resumed["sessions"]) == 2
+    assert [r["group"] for r in resumed["records"]] == [r["group"] for r in results["records"]]
+
+    changed = [("6" if a == "5" else a) for a in argv]  # --max-new-tokens 6: different settings, refused
+    code, _, err = run(capsys, *changed, "--resume")
+    assert code == 2 and "different settings" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--dataset", "squad"], "unknown dataset"),
+    (["--methods", "ar,eagle3"], "eagle3"),
+])
+def test_bench_bad_arguments(pair, capsys, tmp_path, extra, message):
+    target, draft, _ = pair
+    code, _, err = run(capsys, "bench", "--target", target, "--draft", draft, "--out", str(tmp_path), *extra)
+    assert code == 2
+    assert message in err

@@ -39,7 +39,7 @@ def test_bench_quick_writes_complete_results(tmp_path):
 
     assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert len(results["prompts"]) == 2
+    assert len(results["records"]) == 2 and results["complete"]
     summary = results["summary"]
     assert set(summary) == {"ar", "hf", "chain:gamma=4", "eagle2:total_tokens=16,depth=4,top_k=4", "cast"}
     for method, entry in summary.items():

@@ -1,4 +1,4 @@
-"""Write a benchmark's results: results.json, a readable results.md table, and PNG plots."""
+"""Write a benchmark's results: results.json, a readable results.md, and PNG plots."""
 
 from __future__ import annotations
 
@@ -6,38 +6,108 @@ import json
 from pathlib import Path
 from typing import Any
 
+BASELINES = ("ar", "hf", "hf-assisted")
+
 
 def write_report(results: dict[str, Any], out_dir: Path, command: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {**results, "command": command}
     paths = [out_dir / "results.json", out_dir / "results.md"]
     paths[0].write_text(json.dumps(results, indent=1))
-    paths[1].write_text(markdown_table(results))
+    paths[1].write_text(markdown_report(results))
     paths += _plots(results, out_dir)
     return paths
 
 
-def markdown_table(results: dict[str, Any]) -> str:
-    summary, env, config = results["summary"], results["environment"], results["config"]
+def markdown_report(results: dict[str, Any]) -> str:
+    env, config = results["environment"], results["config"]
     mode = "greedy" if not config.get("temperature") else (
         f"sampling T={config['temperature']}, top-k {config.get('top_k') or 'off'}, top-p {config.get('top_p')}")
-    lines = [f"# castspec bench: {len(results['prompts'])} prompts, {config['max_new_tokens']} new tokens, {mode}", "",
-             f"Command: `{results.get('command', '')}`", "",
-             f"Environment: {env['cpu']}, {env['threads']} threads, torch {env['torch']}, "
-             f"transformers {env['transformers']}; target kernels {env['target_kernels']}"
-             + (f", draft kernels {env['draft_kernels']}" if "draft_kernels" in env else "") + f"; {env['date']}", "",
-             "| method | tokens/s | speedup vs ar | speedup vs hf | tokens/step | identical to ar | failed |",
-             "|---|---|---|---|---|---|---|"]
+    by_batch = results["by_batch_size"]
+    prompts = sorted({p for r in results["records"] for p in r["prompts"]})
+    lines = [f"# castspec bench: {len(prompts)} prompts, {config['max_new_tokens']} new tokens, {mode}", ""]
+    if not results.get("complete", True):
+        lines += [f"**Partial results**: {results['groups_done']} of {results['groups_planned']} prompt groups "
+                  "measured so far (resume with `--resume`).", ""]
+    lines += [f"Command: `{results.get('command', '')}`", "",
+              f"Environment: {env['cpu']}, {env['threads']} threads, torch {env['torch']}, "
+              f"transformers {env['transformers']}; target kernels {env['target_kernels']}"
+              + (f", draft kernels {env['draft_kernels']}" if "draft_kernels" in env else "")
+              + f"; commit {env.get('commit')}; {env['date']}", ""]
+    if len(results.get("sessions", [])) > 1:
+        lines += [f"Measured in {len(results['sessions'])} sessions (resumed): "
+                  + ", ".join(str(s.get("started")) for s in results["sessions"]), ""]
+    if len(by_batch) > 1:
+        lines += _batch_table(by_batch) + [""]
+    for batch, part in by_batch.items():
+        if len(by_batch) > 1:
+            lines += [f"## Batch size {batch}", ""]
+        lines += _method_table(part["summary"]) + [""]
+        if len(part["by_task"]) > 1:
+            lines += _task_table(part["by_task"]) + [""]
+        lines += _divergences(part["summary"])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _method_table(summary: dict[str, Any]) -> list[str]:
+    lines = ["| method | tokens/s | speedup vs ar | speedup vs hf | tokens/step | verified nodes/step | "
+             "identical to ar | peak RSS | failed |", "|---|---|---|---|---|---|---|---|---|"]
     for method, s in summary.items():
         lines.append(f"| `{method}` | {s['tokens_per_s']:.3f} | {_x(s.get('speedup_vs_ar'))} | "
-                     f"{_x(s.get('speedup_vs_hf'))} | {s.get('mean_accept_len', 1.0):.2f} | "
-                     f"{_pct(s.get('identical_to_ar'))} | {len(s['failed'])} |")
+                     f"{_x(s.get('speedup_vs_hf'))} | {_num(s.get('mean_accept_len'), 2)} | "
+                     f"{_num(s.get('mean_verified_nodes'))} | {_pct(s.get('identical_to_ar'))} | "
+                     f"{_gb(s.get('peak_rss_mb'))} | {len(s['failed'])} |")
+    return lines
+
+
+def _task_table(by_task: dict[str, Any]) -> list[str]:
+    """Methods x tasks: tokens/s and speedup over `ar` in that task; the fastest method per task in bold."""
+    tasks = list(by_task)
+    methods = list(dict.fromkeys(m for t in tasks for m in by_task[t]))
+    best = {t: max(by_task[t], key=lambda m: by_task[t][m]["tokens_per_s"]) for t in tasks}
+    lines = ["Per task: tokens/s (speedup vs `ar` in that task); fastest in bold.", "",
+             "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for method in methods:
+        cells = []
+        for task in tasks:
+            s = by_task[task].get(method)
+            cell = "–" if s is None else f"{s['tokens_per_s']:.2f} ({_x(s.get('speedup_vs_ar'))})"
+            cells.append(f"**{cell}**" if best[task] == method else cell)
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _batch_table(by_batch: dict[str, Any]) -> list[str]:
+    """Methods x batch sizes: batch throughput, speedup over batched `ar`, and the verified tree per sequence."""
+    sizes = list(by_batch)
+    methods = list(dict.fromkeys(m for b in sizes for m in by_batch[b]["summary"]))
+    lines = ["Throughput of the whole batch, tokens/s (speedup vs batched `ar`) [verified nodes per sequence per "
+             "step, mean depth]:", "", "| method | " + " | ".join(f"B={b}" for b in sizes) + " |",
+             "|---|" + "---|" * len(sizes)]
+    for method in methods:
+        cells = []
+        for batch in sizes:
+            s = by_batch[batch]["summary"].get(method)
+            if s is None:
+                cells.append("–")
+                continue
+            tree = f" [{s['mean_verified_nodes']:.1f}, {s['mean_depth']:.1f}]" if s.get("mean_verified_nodes") else ""
+            cells.append(f"{s['tokens_per_s']:.2f} ({_x(s.get('speedup_vs_ar'))}){tree}")
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    peaks = {b: max((s.get("peak_rss_mb") or 0) for s in by_batch[b]["summary"].values()) for b in sizes}
+    lines += ["", "Peak resident memory of the process per batch size: "
+              + ", ".join(f"B={b} {_gb(p)}" for b, p in peaks.items())]
+    return lines
+
+
+def _divergences(summary: dict[str, Any]) -> list[str]:
     diverged = [(m, d) for m, s in summary.items() for d in s.get("divergences", [])]
-    if diverged:
-        lines += ["", "Outputs that differ from `ar` (first differing token; logit gap = target's logit of ar's token "
-                  "minus that of the other method's token, measured by a plain forward):", ""]
-        lines += [f"- `{m}` on {d['prompt']}: token {d['index']}, gap {d['logit_gap']}" for m, d in diverged]
-    return "\n".join(lines) + "\n"
+    if not diverged:
+        return []
+    lines = ["Outputs that differ from `ar` (first differing token; logit gap = target's logit of ar's token minus "
+             "that of the other method's token, measured by a plain forward):", ""]
+    lines += [f"- `{m}` on {d['prompt']}: token {d.get('index')}, gap {d.get('logit_gap')}" for m, d in diverged]
+    return lines + [""]
 
 
 def _x(value: float | None) -> str:
@@ -48,26 +118,68 @@ def _pct(value: float | None) -> str:
     return f"{100 * value:.0f}%" if value is not None else "–"
 
 
+def _num(value: float | None, digits: int = 1) -> str:
+    return f"{value:.{digits}f}" if value is not None else "–"
+
+
+def _gb(mb: float | None) -> str:
+    return f"{mb / 1024:.1f} GB" if mb else "–"
+
+
 def _plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = results["summary"]
+    by_batch = results["by_batch_size"]
+    if not by_batch:
+        return []
+    first = next(iter(by_batch.values()))
+    summary = first["summary"]
     methods = list(summary)
+    color = ["#888" if m in BASELINES else "#2a7" for m in methods]
     paths = []
+
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(methods)), 4))
-    values = [summary[m].get("speedup_vs_ar", 0.0) for m in methods]
-    ax.bar(range(len(methods)), values, color=["#888" if m in ("ar", "hf") else "#2a7" for m in methods])
+    ax.bar(range(len(methods)), [summary[m].get("speedup_vs_ar", 0.0) for m in methods], color=color)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("speedup vs ar (tokens/s ratio)")
-    ax.set_title("castspec bench: " + ", ".join(sorted({r['task'] for r in results['prompts']})))
-    fig.tight_layout()
-    paths.append(out_dir / "speedup.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    ax.set_title("castspec bench: " + ", ".join(first["by_task"]))
+    paths.append(_save(fig, out_dir / "speedup.png"))
+
+    tasks = list(first["by_task"])
+    if len(tasks) > 1:
+        fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(tasks) * max(1, len(methods) / 5)), 4.5))
+        width = 0.85 / len(methods)
+        for i, method in enumerate(methods):
+            values = [first["by_task"][t].get(method, {}).get("speedup_vs_ar", 0.0) for t in tasks]
+            ax.bar([x + i * width for x in range(len(tasks))], values, width=width, label=method)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([x + 0.425 - width / 2 for x in range(len(tasks))], tasks)
+        ax.set_ylabel("speedup vs ar in the task")
+        ax.legend(fontsize=7, ncol=2)
+        ax.set_title("speedup per method per task")
+        paths.append(_save(fig, out_dir / "speedup_by_task.png"))
+
+    if len(by_batch) > 1:
+        sizes = [int(b) for b in by_batch]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for method in dict.fromkeys(m for b in by_batch.values() for m in b["summary"]):
+            points = [(int(b), part["summary"][method]) for b, part in by_batch.items() if method in part["summary"]]
+            axes[0].plot([b for b, _ in points], [s["tokens_per_s"] for _, s in points], marker="o", label=method)
+            tree = [(b, s["mean_verified_nodes"]) for b, s in points if s.get("mean_verified_nodes")]
+            if tree:
+                axes[1].plot([b for b, _ in tree], [v for _, v in tree], marker="o", label=method)
+        axes[0].set_ylabel("batch throughput, tokens/s")
+        axes[1].set_ylabel("verified nodes per sequence per step")
+        for ax in axes:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sizes, [str(s) for s in sizes])
+            ax.set_xlabel("batch size")
+            ax.legend(fontsize=7)
+        paths.append(_save(fig, out_dir / "batch_sizes.png"))
 
     spec = [m for m in methods if "accept_len_histogram" in summary[m] and m != "ar"]
     if spec:
@@ -81,8 +193,14 @@ def _plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_xlabel("draft tokens accepted per step")
         ax.set_ylabel("fraction of steps")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out_dir / "accept_hist.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, out_dir / "accept_hist.png"))
     return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -2,16 +2,22 @@
 
 Methods: `ar` (our loop, plain decoding, same fast kernels as every speculative method), `hf` (stock
 `transformers` `generate`, stock kernels: what a user gets out of the box), `hf-assisted` (stock
-`generate(assistant_model=draft)`), and any tree policy spec (`chain:gamma=4`, `static`, `eagle2:total_tokens=16`).
-Methods run one after the other on each prompt, so slow drift of the machine hits all of them alike.
+`generate(assistant_model=draft)`, batch 1 only in transformers), and any tree policy spec (`chain:gamma=4`,
+`static`, `eagle2:total_tokens=16`). Prompts are grouped into batches of each requested batch size (within a task);
+all methods run one after the other on each group, so slow drift of the machine hits all of them alike.
+Each finished group is appended to `records.jsonl` in the output directory, so an interrupted run can be resumed.
 """
 
 from __future__ import annotations
 
+import json
 import platform
+import threading
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,11 +26,12 @@ from tqdm import tqdm
 from castspec.bench.datasets import Prompt
 from castspec.cost.profiler import load_or_profile
 from castspec.cost.table import OnlineCosts
-from castspec.engine import SpeculativeGenerator
+from castspec.engine import SpeculativeGenerator, _eos_ids
 from castspec.errors import CastspecError
 from castspec.policies import make_policy
 
 HF_METHODS = ("hf", "hf-assisted")
+RECORDS_FILE = "records.jsonl"
 
 
 @dataclass
@@ -41,10 +48,74 @@ class BenchConfig:
     top_p: float = 1.0
     seed: int = 0
     cost_table: str | None = None
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    datasets: list[str] = field(default_factory=list)
+    num_prompts: int = 0
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a resumed run to continue the same measurement."""
+        keep = ("target", "draft", "methods", "max_new_tokens", "device", "draft_quant", "temperature", "top_k",
+                "top_p", "seed", "batch_sizes", "datasets", "num_prompts")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+@dataclass
+class Group:
+    """Prompts decoded together as one batch (a single prompt at batch size 1)."""
+
+    id: str
+    task: str
+    batch_size: int
+    prompts: list[Prompt]
+
+
+def make_groups(prompts: list[Prompt], batch_sizes: list[int]) -> list[Group]:
+    """Consecutive prompts of one task form a batch; every batch size sees the same prompts."""
+    groups = []
+    for batch in batch_sizes:
+        for task in dict.fromkeys(p.task for p in prompts):
+            pool = [p for p in prompts if p.task == task]
+            for start in range(0, len(pool), batch):
+                chunk = pool[start:start + batch]
+                name = chunk[0].id if batch == 1 else f"B{batch}:{chunk[0].id}+{len(chunk) - 1}"
+                groups.append(Group(id=name, task=task, batch_size=batch, prompts=chunk))
+    return groups
+
+
+class RssSampler:
+    """Resident memory of this process, sampled in the background: peak and last value per measured run."""
+
+    def __init__(self, interval_s: float = 0.25):
+        self.interval_s = interval_s
+        self.peak = self.current()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def current() -> float:
+        try:
+            pages = int(Path("/proc/self/statm").read_text().split()[1])
+            import resource
+
+            return pages * resource.getpagesize() / 2**20
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self.current())
+
+    def reset(self) -> float:
+        self.peak = self.current()
+        return self.peak
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 class MethodRunner:
-    """Holds the loaded models once and runs any method on a prompt."""
+    """Holds the loaded models once and runs any method on a group of prompts."""
 
     def __init__(self, config: BenchConfig):
         from castspec.api import load_generator
@@ -61,6 +132,7 @@ class MethodRunner:
         self.tokenizer = base.tokenizer
         self.target_model = base.target.model
         self.draft_model = base.drafter.runner.model if base.drafter else None
+        self.eos_ids = _eos_ids(self.target_model, self.tokenizer)
         policies = {m: make_policy(m) for m in config.methods if m not in HF_METHODS}
         table = None
         if any(getattr(p, "needs_costs", False) for p in policies.values()):
@@ -75,130 +147,257 @@ class MethodRunner:
         if "hf-assisted" in config.methods:
             self.stock_draft, _ = load_model(config.draft, device=config.device)
 
-    def encode(self, prompt: Prompt, history: list[dict[str, str]] | None = None) -> torch.Tensor:
+    def encode(self, prompt: Prompt, history: list[dict[str, str]] | None = None) -> list[int]:
         """Token ids of a prompt's first turn, or of the whole conversation so far plus the next user turn."""
         if not prompt.chat:
-            ids = self.tokenizer(prompt.turns[0])["input_ids"]
-        else:
-            messages = (history or []) + [{"role": "user", "content": prompt.turns[len(history or []) // 2]}]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            ids = ids if isinstance(ids, list) else ids["input_ids"]
-        return torch.tensor([ids], dtype=torch.long)
+            return list(self.tokenizer(prompt.turns[0])["input_ids"])
+        messages = (history or []) + [{"role": "user", "content": prompt.turns[len(history or []) // 2]}]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids if isinstance(ids, list) else ids["input_ids"])
 
-    def run_prompt(self, method: str, prompt: Prompt, max_new_tokens: int) -> dict[str, Any]:
-        """All turns of a prompt as one conversation (each turn sees this method's own earlier answers)."""
-        history: list[dict[str, str]] = []
-        total: dict[str, Any] = {}
-        for _ in prompt.turns if prompt.chat else prompt.turns[:1]:
-            input_ids = self.encode(prompt, history)
-            rec = self.run(method, input_ids, max_new_tokens)
+    def run_group(self, method: str, prompts: list[Prompt], max_new_tokens: int) -> dict[str, Any]:
+        """Every turn of every prompt; a conversation's later turns see this method's own earlier answers."""
+        histories: list[list[dict[str, str]]] = [[] for _ in prompts]
+        total: dict[str, Any] = {"token_ids": [[] for _ in prompts], "turn_tokens": [[] for _ in prompts],
+                                 "prompt_tokens": [[] for _ in prompts], "wall_s": 0.0, "new_tokens": 0}
+        turns = [len(p.turns) if p.chat else 1 for p in prompts]
+        for turn in range(max(turns)):
+            rows = [i for i, count in enumerate(turns) if turn < count]
+            ids = [self.encode(prompts[i], histories[i]) for i in rows]
+            rec = self.run(method, ids, max_new_tokens)
             for key, value in rec.items():
-                total[key] = total.get(key, 0.0 if isinstance(value, float) else type(value)()) + value
-            total.setdefault("prompt_tokens", []).append(int(input_ids.shape[1]))
-            total.setdefault("turn_tokens", []).append(len(rec["token_ids"]))
-            answer = self.tokenizer.decode(rec["token_ids"], skip_special_tokens=True)
-            history += [{"role": "user", "content": prompt.turns[len(history) // 2]},
-                        {"role": "assistant", "content": answer}]
+                if key != "token_ids":
+                    total[key] = total.get(key, type(value)()) + value
+            for i, tokens, prompt_ids in zip(rows, rec["token_ids"], ids, strict=True):
+                total["token_ids"][i] += tokens
+                total["turn_tokens"][i].append(len(tokens))
+                total["prompt_tokens"][i].append(len(prompt_ids))
+                answer = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                histories[i] += [{"role": "user", "content": prompts[i].turns[turn]},
+                                 {"role": "assistant", "content": answer}]
         return total
 
-    def run(self, method: str, input_ids: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
+    def run(self, method: str, ids: list[list[int]], max_new_tokens: int) -> dict[str, Any]:
+        """One batch of prompts (token ids) -> per-row new tokens, the batch's wall time, per-step statistics."""
         if method in HF_METHODS:
-            return self._run_hf(method, input_ids, max_new_tokens)
+            return self._run_hf(method, ids, max_new_tokens)
         c = self.config
-        result = self.generators[method].generate(input_ids, max_new_tokens=max_new_tokens, temperature=c.temperature,
-                                                  top_k=c.top_k, top_p=c.top_p, seed=c.seed)
-        stats = result.stats
-        return {"token_ids": result.token_ids, "wall_s": stats.wall_s, "new_tokens": stats.new_tokens,
-                "steps": stats.steps, "accepted": stats.accepted, "depths": stats.depths,
-                "verified": stats.verified, "draft_s": stats.draft_s, "verify_s": stats.verify_s}
+        results = self.generators[method].generate_batch(ids, max_new_tokens=max_new_tokens,
+                                                         temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                                                         seed=c.seed)
+        stats = [r.stats for r in results]
+        return {"token_ids": [r.token_ids for r in results], "wall_s": stats[0].wall_s,
+                "new_tokens": sum(len(r.token_ids) for r in results), "steps": max(s.steps for s in stats),
+                "accepted": [a for s in stats for a in s.accepted], "depths": [d for s in stats for d in s.depths],
+                "verified": [v for s in stats for v in s.verified], "draft_s": stats[0].draft_s,
+                "verify_s": stats[0].verify_s}
 
     @torch.inference_mode()
-    def _run_hf(self, method: str, input_ids: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
+    def _run_hf(self, method: str, ids: list[list[int]], max_new_tokens: int) -> dict[str, Any]:
         c = self.config
-        sampling = dict(do_sample=True, temperature=c.temperature, top_k=c.top_k or None, top_p=c.top_p)
+        if method == "hf-assisted" and len(ids) > 1:
+            raise CastspecError("transformers' assisted generation supports batch size 1 only")
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else min(self.eos_ids)
+        longest = max(len(row) for row in ids)
+        device = self.stock_target.device
+        input_ids = torch.tensor([[pad] * (longest - len(row)) + row for row in ids], device=device)
+        attention_mask = torch.tensor([[0] * (longest - len(row)) + [1] * len(row) for row in ids], device=device)
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, attention_mask=attention_mask, pad_token_id=pad)
         if c.temperature > 0:
             torch.manual_seed(c.seed)
-        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, **(sampling if c.temperature > 0 else
-                                                                         {"do_sample": False}),
-                                      attention_mask=torch.ones_like(input_ids),
-                                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+            kwargs.update(do_sample=True, temperature=c.temperature, top_k=c.top_k or None, top_p=c.top_p)
+        else:
+            kwargs.update(do_sample=False)
         if method == "hf-assisted":
             kwargs["assistant_model"] = self.stock_draft
         start = time.perf_counter()
         out = self.stock_target.generate(input_ids, **kwargs)
         wall = time.perf_counter() - start
-        new = out[0, input_ids.shape[1]:].tolist()
-        return {"token_ids": new, "wall_s": wall, "new_tokens": len(new)}
+        rows = [self._cut_at_eos(row) for row in out[:, longest:].tolist()]
+        return {"token_ids": rows, "wall_s": wall, "new_tokens": sum(len(r) for r in rows)}
 
-    def divergence(self, input_ids: torch.Tensor, reference: list[int], other: list[int],
+    def _cut_at_eos(self, tokens: list[int]) -> list[int]:
+        """generate pads finished rows; keep up to and including the first EOS, as our loop does."""
+        for i, token in enumerate(tokens):
+            if token in self.eos_ids:
+                return tokens[: i + 1]
+        return tokens
+
+    def divergence(self, prompt_ids: list[int], reference: list[int], other: list[int],
                    first_turn_tokens: int) -> dict[str, Any] | None:
         """Where `other` first differs from `reference` (plain decoding), and how close the target's call was."""
         index = next((i for i, (a, b) in enumerate(zip(reference, other, strict=False)) if a != b), None)
         if index is None:
-            return None
+            if len(reference) == len(other):
+                return None
+            index = min(len(reference), len(other))  # one stopped (EOS) where the other went on
+            return {"index": index, "ar_token": None, "other_token": None, "logit_gap": None}
         if index >= first_turn_tokens:  # in a later turn: the prompt differs too, report the position only
             return {"index": index, "ar_token": reference[index], "other_token": other[index], "logit_gap": None}
-        prefix = torch.cat([input_ids[0], torch.tensor(reference[:index], dtype=torch.long)])[None]
+        prefix = torch.tensor([prompt_ids + reference[:index]], dtype=torch.long, device=self.target_model.device)
         with torch.inference_mode():
-            logits = self.target_model(prefix.to(self.target_model.device), logits_to_keep=1).logits[0, -1].float()
+            logits = self.target_model(prefix, logits_to_keep=1).logits[0, -1].float()
         gap = float(logits[reference[index]] - logits[other[index]])
         return {"index": index, "ar_token": reference[index], "other_token": other[index], "logit_gap": round(gap, 5)}
 
 
-def run_bench(config: BenchConfig, prompts: list[Prompt]) -> dict[str, Any]:
+def run_bench(config: BenchConfig, prompts: list[Prompt], out_dir: Path | None = None, resume: bool = False,
+              on_group: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Measure every method on every group; append each finished group to `out_dir/records.jsonl`.
+
+    With `resume`, groups already in that file (from a run with the same configuration) are kept and skipped.
+    `on_group(results)` is called after each group with the results so far (to keep the report current).
+    """
     if not prompts:
         raise CastspecError("no prompts selected")
+    groups = make_groups(prompts, config.batch_sizes)
+    done, starts = _load_records(out_dir, config, resume)
+    todo = [g for g in groups if g.id not in done]
     runner = MethodRunner(config)
-    if config.warmup:
-        warm = runner.encode(prompts[0])
+    env = environment(runner)
+    starts.append({"started": env["date"], "groups_done_before": len(done)})
+    log = _open_log(out_dir, config, env, fresh=not done)
+    if config.warmup and todo:
+        warm = runner.encode(todo[0].prompts[0])
         for method in config.methods:
             try:
-                runner.run(method, warm, 4)
+                runner.run(method, [warm], 4)
             except Exception:  # reported properly in the real run
                 pass
-        if any(p.chat for p in prompts) and not getattr(runner.tokenizer, "chat_template", None):
-            raise CastspecError("these prompts need a chat template, and the target's tokenizer has none")
-    records: list[dict[str, Any]] = []
-    bar = tqdm(total=len(prompts) * len(config.methods), desc="bench", unit="run")
-    for prompt in prompts:
-        input_ids = runner.encode(prompt)
-        per_method: dict[str, dict[str, Any]] = {}
-        for method in config.methods:
-            bar.set_postfix_str(f"{prompt.id} {method}")
+    if any(p.chat for p in prompts) and not getattr(runner.tokenizer, "chat_template", None):
+        raise CastspecError("these prompts need a chat template, and the target's tokenizer has none")
+    rss = RssSampler()
+    bar = tqdm(total=len(todo) * len(config.methods), desc="bench", unit="run")
+    try:
+        for group in todo:
+            record = _measure_group(runner, group, config, rss, bar)
+            done[group.id] = record
+            if log is not None:
+                log.write(json.dumps({"group": record}) + "\n")
+                log.flush()
+            if on_group is not None:
+                on_group(assemble(config, env, groups, done, starts, complete=False))
+    finally:
+        bar.close()
+        rss.close()
+        if log is not None:
+            log.close()
+    return assemble(config, env, groups, done, starts, complete=True)
+
+
+def _measure_group(runner: MethodRunner, group: Group, config: BenchConfig, rss: RssSampler,
+                   bar: tqdm) -> dict[str, Any]:
+    per_method: dict[str, dict[str, Any]] = {}
+    for method in config.methods:
+        bar.set_postfix_str(f"{group.id} {method}")
+        before = rss.reset()
+        if method == "hf-assisted" and group.batch_size > 1:
+            per_method[method] = {"skipped": "transformers' assisted generation supports batch size 1 only"}
+        else:
             try:
-                per_method[method] = runner.run_prompt(method, prompt, config.max_new_tokens)
+                per_method[method] = runner.run_group(method, group.prompts, config.max_new_tokens)
             except Exception as err:  # one failing method must not lose the whole run
                 per_method[method] = {"error": f"{type(err).__name__}: {err}",
                                       "traceback": traceback.format_exc(limit=3)}
-            bar.update(1)
-        reference = per_method.get("ar", {}).get("token_ids") if config.temperature == 0 else None
-        for method, rec in per_method.items():
-            if reference is not None and "token_ids" in rec and method != "ar":
-                rec["identical_to_ar"] = rec["token_ids"] == reference
-                if not rec["identical_to_ar"]:
-                    first_turn = per_method["ar"]["turn_tokens"][0]
-                    rec["divergence"] = runner.divergence(input_ids, reference, rec["token_ids"], first_turn)
-        records.append({"prompt": prompt.id, "task": prompt.task, "prompt_tokens": int(input_ids.shape[1]),
-                        "methods": per_method})
-    bar.close()
-    return {"config": vars(config), "environment": environment(runner), "summary": summarize(records, config.methods),
-            "prompts": records}
+        per_method[method]["rss_mb"] = {"before": round(before), "peak": round(rss.peak),
+                                        "after": round(rss.current())}
+        bar.update(1)
+    reference = per_method.get("ar", {}).get("token_ids") if config.temperature == 0 else None
+    for method, rec in per_method.items():
+        if reference is None or "token_ids" not in rec or method == "ar":
+            continue
+        rec["identical_to_ar"] = [a == b for a, b in zip(reference, rec["token_ids"], strict=True)]
+        rec["divergences"] = []
+        for row, same in enumerate(rec["identical_to_ar"]):
+            if not same:
+                first_turn = per_method["ar"]["turn_tokens"][row][0]
+                prompt_ids = runner.encode(group.prompts[row])
+                found = runner.divergence(prompt_ids, reference[row], rec["token_ids"][row], first_turn)
+                rec["divergences"].append({"prompt": group.prompts[row].id, **(found or {})})
+    return {"group": group.id, "task": group.task, "batch_size": group.batch_size,
+            "prompts": [p.id for p in group.prompts], "methods": per_method}
+
+
+def _load_records(out_dir: Path | None, config: BenchConfig, resume: bool) -> tuple[dict[str, Any], list[dict]]:
+    """Groups finished by an earlier, interrupted run with the same configuration."""
+    path = out_dir / RECORDS_FILE if out_dir is not None else None
+    if not resume or path is None or not path.is_file():
+        return {}, []
+    done: dict[str, Any] = {}
+    starts: list[dict] = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            if number == len(path.read_text().splitlines()):
+                break  # the last line of an interrupted write
+            raise CastspecError(f"{path}:{number}: not a JSON line; delete the file to start over") from None
+        if "config" in entry:
+            if entry["config"] != config.fingerprint():
+                changed = sorted(k for k in entry["config"] if entry["config"][k] != config.fingerprint().get(k))
+                raise CastspecError(f"--resume: {path} is from a run with different settings ({', '.join(changed)});"
+                                    " use another --out or drop --resume")
+            starts.append({"started": entry.get("started"), "environment": entry.get("environment")})
+        elif "group" in entry:
+            done[entry["group"]["group"]] = entry["group"]
+    return done, starts
+
+
+def _open_log(out_dir: Path | None, config: BenchConfig, env: dict[str, Any], fresh: bool):
+    if out_dir is None:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = (out_dir / RECORDS_FILE).open("w" if fresh else "a")
+    log.write(json.dumps({"config": config.fingerprint(), "started": env["date"], "environment": env}) + "\n")
+    log.flush()
+    return log
+
+
+def assemble(config: BenchConfig, env: dict[str, Any], groups: list[Group], done: dict[str, Any],
+             starts: list[dict], complete: bool) -> dict[str, Any]:
+    """Results in the order the groups were planned: summaries per batch size, overall and per task."""
+    records = [done[g.id] for g in groups if g.id in done]
+    by_batch: dict[str, Any] = {}
+    for batch in config.batch_sizes:
+        recs = [r for r in records if r["batch_size"] == batch]
+        if not recs:
+            continue
+        tasks = list(dict.fromkeys(r["task"] for r in recs))
+        by_batch[str(batch)] = {"summary": summarize(recs, config.methods),
+                                "by_task": {t: summarize([r for r in recs if r["task"] == t], config.methods)
+                                            for t in tasks}}
+    first = next(iter(by_batch.values()), {"summary": {}, "by_task": {}})
+    return {"config": asdict(config), "environment": env, "sessions": starts, "complete": complete,
+            "groups_done": len(records), "groups_planned": len(groups),
+            "summary": first["summary"], "by_task": first["by_task"], "by_batch_size": by_batch,
+            "records": records}
 
 
 def summarize(records: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    """Per method: throughput over all groups, acceptance statistics, agreement with `ar`, failures."""
     summary: dict[str, Any] = {}
     for method in methods:
-        ok = [r["methods"][method] for r in records if "error" not in r["methods"][method]]
-        failed = [r["prompt"] for r in records if "error" in r["methods"][method]]
+        recs = [r for r in records if method in r["methods"] and "skipped" not in r["methods"][method]]
+        if not recs:
+            continue
+        ok = [r["methods"][method] for r in recs if "error" not in r["methods"][method]]
+        failed = [{"group": r["group"], "error": r["methods"][method]["error"]}
+                  for r in recs if "error" in r["methods"][method]]
         tokens = sum(rec["new_tokens"] for rec in ok)
         wall = sum(rec["wall_s"] for rec in ok)
-        entry: dict[str, Any] = {"prompts": len(ok), "failed": failed, "new_tokens": tokens,
-                                 "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 4) if wall else 0.0}
+        entry: dict[str, Any] = {"prompts": sum(len(r["prompts"]) for r in recs if "error" not in r["methods"][method]),
+                                 "failed": failed, "new_tokens": tokens, "wall_s": round(wall, 3),
+                                 "tokens_per_s": round(tokens / wall, 4) if wall else 0.0}
         steps = sum(rec.get("steps", 0) for rec in ok)
         if steps:
             accepted = [a for rec in ok for a in rec["accepted"]]
-            entry["mean_accept_len"] = round((sum(accepted) + len(accepted)) / len(accepted), 4)
             depths = [d for rec in ok for d in rec["depths"]]
+            verified = [v for rec in ok for v in rec["verified"]]
+            entry["steps"] = steps
+            entry["mean_accept_len"] = round((sum(accepted) + len(accepted)) / len(accepted), 4)
+            entry["mean_verified_nodes"] = round(sum(verified) / len(verified), 3)
+            entry["mean_depth"] = round(sum(depths) / len(depths), 3)
             entry["acceptance_by_position"] = [
                 round(sum(a >= k for a, d in zip(accepted, depths, strict=True) if d >= k)
                       / max(sum(d >= k for d in depths), 1), 4)
@@ -206,11 +405,14 @@ def summarize(records: list[dict[str, Any]], methods: list[str]) -> dict[str, An
             entry["accept_len_histogram"] = {str(n): accepted.count(n) for n in sorted(set(accepted))}
             entry["draft_s"] = round(sum(rec["draft_s"] for rec in ok), 3)
             entry["verify_s"] = round(sum(rec["verify_s"] for rec in ok), 3)
-        identical = [rec["identical_to_ar"] for rec in ok if "identical_to_ar" in rec]
+        identical = [same for rec in ok for same in rec.get("identical_to_ar", [])]
         if identical:
             entry["identical_to_ar"] = round(sum(identical) / len(identical), 4)
-            entry["divergences"] = [{"prompt": r["prompt"], **r["methods"][method]["divergence"]}
-                                    for r in records if r["methods"][method].get("divergence")]
+            entry["divergences"] = [d for rec in ok for d in rec.get("divergences", [])]
+        rss = [r["methods"][method].get("rss_mb") for r in recs if r["methods"][method].get("rss_mb")]
+        if rss:
+            entry["peak_rss_mb"] = max(x["peak"] for x in rss)
+            entry["rss_after_mb"] = [x["after"] for x in rss]
         summary[method] = entry
     for base in ("ar", "hf"):
         if base in summary and summary[base]["tokens_per_s"]:
@@ -229,11 +431,22 @@ def environment(runner: MethodRunner) -> dict[str, Any]:
     env = {"device": config.device, "cpu": _cpu_name(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
            "target": model_identity(config.target), "target_kernels": describe_kernels(runner.target_model),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _git_commit()}
     if runner.draft_model is not None:
         env["draft"] = model_identity(config.draft)
         env["draft_kernels"] = describe_kernels(runner.draft_model)
     return env
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _cpu_name() -> str:
