@@ -180,3 +180,11 @@ def test_calibration_learns_acceptance():
     assert float(calib(torch.tensor([-0.1]))) == pytest.approx(0.5, abs=0.06)
     low, high = calib(torch.tensor([-3.0])), calib(torch.tensor([-0.01]))
     assert float(low) <= float(high)
+
+
+def test_cost_curve_is_monotone_in_new_tokens():
+    """A reading inflated by a busy moment must not make a larger tree look cheaper than a smaller one."""
+    from castspec.cost.table import monotone
+
+    assert monotone([267, 277, 298, 884, 311, 387]) == pytest.approx([267, 277, 298, 527.3333, 527.3333, 527.3333])
+    assert monotone([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]

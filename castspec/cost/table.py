@@ -33,6 +33,8 @@ class CostTable:
     tokens: list[int]
     ms: dict[str, list[list[list[float | None]]]]  # role -> [B][c][n] milliseconds (None: not measured)
     extra: dict[str, Any] = field(default_factory=dict)
+    _curves: dict[tuple[str, int, int], list[tuple[int, float]]] = field(default_factory=dict, repr=False,
+                                                                          compare=False)
 
     # --- lookups ---------------------------------------------------------------------------------------------
     def select_context(self, context: int) -> int:
@@ -50,10 +52,14 @@ class CostTable:
         return lo + b_w * (hi - lo)
 
     def _curve(self, role: str, bi: int, ci: int, tokens: int) -> float:
-        row = self.ms[role][bi][ci]
-        points = [(n, t) for n, t in zip(self.tokens, row, strict=True) if t is not None]
-        if not points:
-            raise CastspecError(f"the cost table has no {role} measurements for batch {self.batch_sizes[bi]}")
+        key = (role, bi, ci)
+        if key not in self._curves:
+            row = self.ms[role][bi][ci]
+            points = [(n, t) for n, t in zip(self.tokens, row, strict=True) if t is not None]
+            if not points:
+                raise CastspecError(f"the cost table has no {role} measurements for batch {self.batch_sizes[bi]}")
+            self._curves[key] = list(zip([n for n, _ in points], monotone([t for _, t in points]), strict=True))
+        points = self._curves[key]
         ns = [n for n, _ in points]
         if tokens <= ns[0]:
             return points[0][1]
@@ -129,6 +135,18 @@ class CostTable:
                 if have.get(key) != want.get(key):
                     raise CastspecError(f"cost table's {role} differs ({key}: {have.get(key)!r} vs "
                                         f"{want.get(key)!r}); profile again for this model pair")
+
+
+def monotone(values: list[float]) -> list[float]:
+    """Least-squares non-decreasing fit (pool adjacent violators): more new tokens never cost less, so a reading
+    inflated by a busy moment of the machine is averaged with its neighbours instead of bending the curve."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for value in values:
+        blocks.append([value, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, c1), (m2, c2) = blocks[-2], blocks[-1]
+            blocks[-2:] = [[(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2]]
+    return [mean for mean, count in blocks for _ in range(int(count))]
 
 
 def _bracket(grid: list[int], value: int) -> tuple[int, int, float]:
