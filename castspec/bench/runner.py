@@ -83,7 +83,12 @@ def make_groups(prompts: list[Prompt], batch_sizes: list[int]) -> list[Group]:
 
 
 class RssSampler:
-    """Resident memory of this process, sampled in the background: peak and last value per measured run."""
+    """Resident memory of this process, sampled in the background (MB): peak since the last reset.
+
+    `rss` is what `ps` shows, including the model files mapped from disk (page cache shared with the OS);
+    `anon` excludes those mapped files: the memory the process itself allocated (KV caches, activations, packed
+    weights). A leak shows up in `anon`.
+    """
 
     def __init__(self, interval_s: float = 0.25):
         self.interval_s = interval_s
@@ -93,20 +98,22 @@ class RssSampler:
         self._thread.start()
 
     @staticmethod
-    def current() -> float:
+    def current() -> dict[str, float]:
         try:
-            pages = int(Path("/proc/self/statm").read_text().split()[1])
             import resource
 
-            return pages * resource.getpagesize() / 2**20
-        except (OSError, ValueError, IndexError):
-            return 0.0
+            fields = Path("/proc/self/statm").read_text().split()
+            page = resource.getpagesize() / 2**20
+            return {"rss": int(fields[1]) * page, "anon": (int(fields[1]) - int(fields[2])) * page}
+        except (OSError, ValueError, IndexError, ImportError):
+            return {"rss": 0.0, "anon": 0.0}
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, self.current())
+            now = self.current()
+            self.peak = {key: max(self.peak[key], now[key]) for key in now}
 
-    def reset(self) -> float:
+    def reset(self) -> dict[str, float]:
         self.peak = self.current()
         return self.peak
 
@@ -300,8 +307,10 @@ def _measure_group(runner: MethodRunner, group: Group, config: BenchConfig, rss:
             except Exception as err:  # one failing method must not lose the whole run
                 per_method[method] = {"error": f"{type(err).__name__}: {err}",
                                       "traceback": traceback.format_exc(limit=3)}
-        per_method[method]["rss_mb"] = {"before": round(before), "peak": round(rss.peak),
-                                        "after": round(rss.current())}
+        after = rss.current()
+        per_method[method]["rss_mb"] = {f"{when}_{key}": round(value) for when, snapshot in
+                                        (("before", before), ("peak", rss.peak), ("after", after))
+                                        for key, value in snapshot.items()}
         bar.update(1)
     reference = per_method.get("ar", {}).get("token_ids") if config.temperature == 0 else None
     for method, rec in per_method.items():
@@ -411,8 +420,9 @@ def summarize(records: list[dict[str, Any]], methods: list[str]) -> dict[str, An
             entry["divergences"] = [d for rec in ok for d in rec.get("divergences", [])]
         rss = [r["methods"][method].get("rss_mb") for r in recs if r["methods"][method].get("rss_mb")]
         if rss:
-            entry["peak_rss_mb"] = max(x["peak"] for x in rss)
-            entry["rss_after_mb"] = [x["after"] for x in rss]
+            entry["peak_rss_mb"] = max(x["peak_rss"] for x in rss)
+            entry["peak_anon_mb"] = max(x["peak_anon"] for x in rss)
+            entry["anon_after_mb"] = [x["after_anon"] for x in rss]  # flat across runs: nothing accumulates
         summary[method] = entry
     for base in ("ar", "hf"):
         if base in summary and summary[base]["tokens_per_s"]:
