@@ -14,6 +14,7 @@ from castspec.cost.profiler import load_or_profile
 from castspec.cost.table import OnlineCosts
 from castspec.engine import SpeculativeGenerator
 from castspec.errors import CastspecError
+from castspec.models.attention import use_grouped_attention
 from castspec.models.kernels import quantize_draft_int8, use_fast_cpu_linears
 from castspec.models.load import load_model, resolve_model_dir
 from castspec.policies import TreePolicy, make_policy
@@ -46,6 +47,8 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRA
         draft_model, draft_tokenizer = load_model(draft, device=device)
         if not same:
             check_same_tokenizer(tokenizer, draft_tokenizer, target, draft)
+    for model in filter(None, (target_model, draft_model)):
+        use_grouped_attention(model)
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu and draft_model is not None and draft_quant == "int8":
         quantize_draft_int8(draft_model)

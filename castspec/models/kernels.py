@@ -327,7 +327,8 @@ def _is_int8_dynamic_linear(module: nn.Module) -> bool:
 
 
 def describe_kernels(model: nn.Module) -> str:
-    """Name the linear kernels `model` runs: "stock", "onednn-fp32", "int8-dynamic", or several joined by "+"."""
+    """Name the kernels `model` runs: linears "stock", "onednn-fp32", "int8-dynamic" (several joined by "+"), plus
+    "+grouped-attn" when its attention is `castspec.models.attention.grouped_sdpa_attention`."""
     kinds = set()
     for module in model.modules():
         if isinstance(module, OneDNNLinear):
@@ -337,4 +338,8 @@ def describe_kernels(model: nn.Module) -> str:
         elif isinstance(module, nn.Linear):
             kinds.add("stock")
     order = ["int8-dynamic", "onednn-fp32", "stock"]
-    return "+".join(k for k in order if k in kinds) or "stock"
+    linears = "+".join(k for k in order if k in kinds) or "stock"
+    from castspec.models.attention import ATTENTION_NAME
+
+    grouped = getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTENTION_NAME
+    return linears + ("+grouped-attn" if grouped else "")

@@ -15,12 +15,15 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from castspec.models.attention import use_grouped_attention
+
 
 class CausalLMRunner:
     """KV-cached forwards of one causal LM over a batch of sequences."""
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
+        use_grouped_attention(model)  # tree forwards attend to the cached K/V of grouped heads without copying it
         self.config = model.config
         self.device = model.device
         self.dtype = model.dtype
