@@ -33,8 +33,8 @@ class CostTable:
     tokens: list[int]
     ms: dict[str, list[list[list[float | None]]]]  # role -> [B][c][n] milliseconds (None: not measured)
     extra: dict[str, Any] = field(default_factory=dict)
-    _curves: dict[tuple[str, int, int], list[tuple[int, float]]] = field(default_factory=dict, repr=False,
-                                                                          compare=False)
+    _curves: dict[tuple[str, int, int], tuple[list[int], list[tuple[int, float]]]] = field(
+        default_factory=dict, repr=False, compare=False)
 
     # --- lookups ---------------------------------------------------------------------------------------------
     def select_context(self, context: int) -> int:
@@ -58,9 +58,9 @@ class CostTable:
             points = [(n, t) for n, t in zip(self.tokens, row, strict=True) if t is not None]
             if not points:
                 raise CastspecError(f"the cost table has no {role} measurements for batch {self.batch_sizes[bi]}")
-            self._curves[key] = list(zip([n for n, _ in points], monotone([t for _, t in points]), strict=True))
-        points = self._curves[key]
-        ns = [n for n, _ in points]
+            ns = [n for n, _ in points]
+            self._curves[key] = (ns, list(zip(ns, monotone([t for _, t in points]), strict=True)))
+        ns, points = self._curves[key]
         if tokens <= ns[0]:
             return points[0][1]
         i = bisect.bisect_left(ns, tokens)
@@ -137,16 +137,17 @@ class CostTable:
                                         f"{want.get(key)!r}); profile again for this model pair")
 
 
-def monotone(values: list[float]) -> list[float]:
-    """Least-squares non-decreasing fit (pool adjacent violators): more new tokens never cost less, so a reading
-    inflated by a busy moment of the machine is averaged with its neighbours instead of bending the curve."""
-    blocks: list[list[float]] = []  # [mean, count]
-    for value in values:
-        blocks.append([value, 1])
+def monotone(values: list[float], weights: list[float] | None = None) -> list[float]:
+    """Weighted least-squares non-decreasing fit (pool adjacent violators). For cost curves: more new tokens never
+    cost less, so a reading inflated by a busy moment of the machine is averaged with its neighbours instead of
+    bending the curve. Also CAST's acceptance calibration (weights = observation counts)."""
+    blocks: list[list[float]] = []  # [weighted mean, total weight, number of values]
+    for value, weight in zip(values, weights or [1.0] * len(values), strict=True):
+        blocks.append([value, weight, 1])
         while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            (m1, c1), (m2, c2) = blocks[-2], blocks[-1]
-            blocks[-2:] = [[(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2]]
-    return [mean for mean, count in blocks for _ in range(int(count))]
+            (m1, w1, n1), (m2, w2, n2) = blocks[-2], blocks[-1]
+            blocks[-2:] = [[(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2]]
+    return [mean for mean, _, count in blocks for _ in range(int(count))]
 
 
 def _bracket(grid: list[int], value: int) -> tuple[int, int, float]:

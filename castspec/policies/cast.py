@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from castspec.cost.table import OnlineCosts
+from castspec.cost.table import OnlineCosts, monotone
 from castspec.errors import CastspecError
 from castspec.policies.base import StepContext, StepRecord, TreePolicy, register, top_nodes_by_score
 from castspec.tree import DraftTree
@@ -67,13 +67,7 @@ class Calibration:
 
     def _refresh(self) -> None:
         """Weighted isotonic fit (pool adjacent violators): acceptance non-decreasing in the path probability."""
-        blocks: list[list[float]] = []  # [hits, counts, buckets]
-        for hits, counts in zip(self.hits.tolist(), self.counts.tolist(), strict=True):
-            blocks.append([hits, counts, 1])
-            while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
-                h, c, n = blocks.pop()
-                blocks[-1] = [blocks[-1][0] + h, blocks[-1][1] + c, blocks[-1][2] + n]
-        self.table = torch.tensor([h / c for h, c, n in blocks for _ in range(int(n))])
+        self.table = torch.tensor(monotone((self.hits / self.counts).tolist(), self.counts.tolist()))
 
     def __call__(self, logscore: torch.Tensor) -> torch.Tensor:
         index = torch.bucketize(logscore.float().clamp(max=0.0).cpu(), self.edges).clamp(max=len(self.edges) - 1)
