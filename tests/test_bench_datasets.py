@@ -61,3 +61,18 @@ def test_summary_reports_failures_and_ratios():
     assert summary["chain"]["speedup_vs_ar"] == pytest.approx(2.0 / (3 / 3.0))
     assert summary["chain"]["acceptance_by_position"] == [1.0, 0.0]
     assert summary["chain"]["mean_verified_nodes"] == 3
+
+
+def test_sessions_on_different_hosts_are_flagged():
+    """A resumed run that moved to another CPU says which groups each host measured and warns about tokens/s."""
+    from castspec.bench.report import _sessions_table
+
+    sessions = [{"started": "day 1", "environment": {"cpu": "EPYC (AVX512, bf16)", "commit": "aaa"}},
+                {"started": "day 2", "environment": {"cpu": "EPYC (AVX2)", "commit": "bbb"}}]
+    records = [{"task": "humaneval", "session": 0}] * 2 + [{"task": "gsm8k", "session": 1}]
+    text = "\n".join(_sessions_table({"sessions": sessions, "records": records}))
+    assert "| 1 | day 1 | EPYC (AVX512, bf16) | aaa | humaneval 2 |" in text
+    assert "| 2 | day 2 | EPYC (AVX2) | bbb | gsm8k 1 |" in text
+    assert "different CPUs" in text
+    same = [sessions[0], {**sessions[0], "started": "day 2"}]
+    assert "different CPUs" not in "\n".join(_sessions_table({"sessions": same, "records": records}))

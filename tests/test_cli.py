@@ -169,6 +169,9 @@ def test_bench_tasks_batches_and_resume(pair, capsys, tmp_path):
     resumed = json.loads((out / "results.json").read_text())
     assert resumed["groups_done"] == 6 and len(resumed["sessions"]) == 2
     assert [r["group"] for r in resumed["records"]] == [r["group"] for r in results["records"]]
+    assert [r["session"] for r in resumed["records"]] == [0] * 5 + [1]  # which session measured each group
+    report = (out / "results.md").read_text()
+    assert "| 2 |" in report and resumed["environment"]["cpu"] in report  # the sessions table with each host
 
     changed = [("6" if a == "5" else a) for a in argv]  # --max-new-tokens 6: different settings, refused
     code, _, err = run(capsys, *changed, "--resume")

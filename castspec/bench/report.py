@@ -35,8 +35,7 @@ def markdown_report(results: dict[str, Any]) -> str:
               + (f", draft kernels {env['draft_kernels']}" if "draft_kernels" in env else "")
               + f"; commit {env.get('commit')}; {env['date']}", ""]
     if len(results.get("sessions", [])) > 1:
-        lines += [f"Measured in {len(results['sessions'])} sessions (resumed): "
-                  + ", ".join(str(s.get("started")) for s in results["sessions"]), ""]
+        lines += _sessions_table(results) + [""]
     if len(by_batch) > 1:
         lines += _batch_table(by_batch) + [""]
     for batch, part in by_batch.items():
@@ -47,6 +46,30 @@ def markdown_report(results: dict[str, Any]) -> str:
             lines += _task_table(part["by_task"]) + [""]
         lines += _divergences(part["summary"])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _sessions_table(results: dict[str, Any]) -> list[str]:
+    """Which session (and so which host) measured which groups: a resumed run may span machines.
+
+    Every method of a group is measured in the same session, so ratios within a task stay like-for-like; absolute
+    tokens/s of tasks measured on different hosts are not comparable.
+    """
+    lines = [f"Measured in {len(results['sessions'])} sessions (resumed with `--resume`):", "",
+             "| session | started | CPU | commit | groups measured |", "|---|---|---|---|---|"]
+    for index, session in enumerate(results["sessions"]):
+        env = session.get("environment") or {}
+        counts: dict[str, int] = {}
+        for record in results["records"]:
+            if record.get("session") == index:
+                counts[record["task"]] = counts.get(record["task"], 0) + 1
+        measured = ", ".join(f"{task} {n}" for task, n in counts.items()) or "none"
+        lines.append(f"| {index + 1} | {session.get('started')} | {env.get('cpu', '?')} | {env.get('commit', '?')} | "
+                     f"{measured} |")
+    cpus = {(s.get("environment") or {}).get("cpu") for s in results["sessions"]}
+    if len(cpus) > 1:
+        lines += ["", "The sessions ran on different CPUs: compare speedups within a task (every method of a group "
+                  "ran in the same session), not tokens/s across tasks."]
+    return lines
 
 
 def _method_table(summary: dict[str, Any]) -> list[str]:

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from castspec.bench.datasets import Prompt
-from castspec.cost.profiler import load_or_profile
+from castspec.cost.profiler import cpu_description, load_or_profile
 from castspec.cost.table import OnlineCosts
 from castspec.engine import SpeculativeGenerator, _eos_ids
 from castspec.errors import CastspecError
@@ -263,7 +263,7 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out_dir: Path | None =
     todo = [g for g in groups if g.id not in done]
     runner = MethodRunner(config)
     env = environment(runner)
-    starts.append({"started": env["date"], "groups_done_before": len(done)})
+    starts.append({"started": env["date"], "environment": env, "groups_done_before": len(done)})
     log = _open_log(out_dir, config, env, fresh=not done)
     if config.warmup and todo:
         warm = runner.encode(todo[0].prompts[0])
@@ -278,7 +278,7 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out_dir: Path | None =
     bar = tqdm(total=len(todo) * len(config.methods), desc="bench", unit="run")
     try:
         for group in todo:
-            record = _measure_group(runner, group, config, rss, bar)
+            record = {**_measure_group(runner, group, config, rss, bar), "session": len(starts) - 1}
             done[group.id] = record
             if log is not None:
                 log.write(json.dumps({"group": record}) + "\n")
@@ -348,8 +348,8 @@ def _load_records(out_dir: Path | None, config: BenchConfig, resume: bool) -> tu
                 raise CastspecError(f"--resume: {path} is from a run with different settings ({', '.join(changed)});"
                                     " use another --out or drop --resume")
             starts.append({"started": entry.get("started"), "environment": entry.get("environment")})
-        elif "group" in entry:
-            done[entry["group"]["group"]] = entry["group"]
+        elif "group" in entry:  # measured in the session whose config line precedes it
+            done[entry["group"]["group"]] = {"session": max(len(starts) - 1, 0), **entry["group"]}
     return done, starts
 
 
@@ -438,7 +438,7 @@ def environment(runner: MethodRunner) -> dict[str, Any]:
     from castspec.models.load import model_identity
 
     config = runner.config
-    env = {"device": config.device, "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+    env = {"device": config.device, "cpu": cpu_description(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
            "target": model_identity(config.target), "target_kernels": describe_kernels(runner.target_model),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _git_commit()}
@@ -457,13 +457,3 @@ def _git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

@@ -42,16 +42,34 @@ def quick_grid(batch_size: int) -> Grid:
     return Grid(batch_sizes=[batch_size], contexts=[512], tokens=[1, 2, 4, 8, 16, 32, 64], repeats=2)
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the vector instruction set torch dispatches to, e.g. "AMD EPYC (AVX512, bf16)".
+
+    Hosts that report the same model name can differ in ISA (a VM may expose AVX-512 or only AVX2), and forward costs
+    differ with it by ~2x: the cost table's key and the benchmark's environment both need it.
+    """
+    name, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:  # the first processor's block: model name, then flags
+                if line.startswith("model name") and name is None:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    name = name or platform.processor() or "cpu"
+    features = [torch.backends.cpu.get_cpu_capability()]
+    features += [label for flag, label in (("avx512_bf16", "bf16"), ("avx512_vnni", "vnni"), ("amx_tile", "amx"))
+                 if flag in flags]
+    return f"{name} ({', '.join(features)})"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"cpu:{cpu}"
+    return f"cpu:{cpu_description()}"
 
 
 def model_fingerprint(model) -> dict[str, Any]:
