@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +57,10 @@ def _sessions_table(results: dict[str, Any]) -> list[str]:
     """
     lines = [f"Measured in {len(results['sessions'])} sessions (resumed with `--resume`):", "",
              "| session | started | CPU | commit | groups measured |", "|---|---|---|---|---|"]
+    counts = Counter((record.get("session"), record["task"]) for record in results["records"])
     for index, session in enumerate(results["sessions"]):
         env = session.get("environment") or {}
-        counts: dict[str, int] = {}
-        for record in results["records"]:
-            if record.get("session") == index:
-                counts[record["task"]] = counts.get(record["task"], 0) + 1
-        measured = ", ".join(f"{task} {n}" for task, n in counts.items()) or "none"
+        measured = ", ".join(f"{task} {n}" for (at, task), n in counts.items() if at == index) or "none"
         lines.append(f"| {index + 1} | {session.get('started')} | {env.get('cpu', '?')} | {env.get('commit', '?')} | "
                      f"{measured} |")
     cpus = {(s.get("environment") or {}).get("cpu") for s in results["sessions"]}
