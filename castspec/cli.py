@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "method (hf-assisted: batch 1 only, as in transformers)")
     bench.add_argument("--resume", action="store_true",
                        help="continue an interrupted run in --out (same settings): measured prompts are kept")
+    bench.add_argument("--report-only", action="store_true",
+                       help="re-render results.json/.md and plots in --out from its records.jsonl (same settings "
+                            "as the run), without loading models or measuring; works on a run still in progress")
     bench.add_argument("--quick", action="store_true",
                        help="a small run (2 prompts, 16 tokens, ar,hf,chain,eagle2,cast) to check the setup")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
@@ -174,7 +177,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from castspec.bench.datasets import load_prompts
     from castspec.bench.report import write_report
-    from castspec.bench.runner import BenchConfig, run_bench
+    from castspec.bench.runner import BenchConfig, report_from_records, run_bench
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,7 +195,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          batch_sizes=batch_sizes, datasets=datasets, num_prompts=args.num_prompts)
     _sampling(args)  # validate
-    command = "castspec " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "castspec " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--report-only")
+    if args.report_only:
+        previous = args.out / "results.json"
+        try:  # keep the command that measured the records, not this re-rendering one
+            command = json.loads(previous.read_text()).get("command", command)
+        except (OSError, ValueError, AttributeError):
+            pass
+        paths = write_report(report_from_records(config, prompts, args.out), args.out, command)
+        print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+        return 0
     results = run_bench(config, prompts, out_dir=args.out, resume=args.resume,
                         on_group=lambda partial: write_report(partial, args.out, command))
     paths = write_report(results, args.out, command)

@@ -156,6 +156,9 @@ def test_bench_tasks_batches_and_resume(pair, capsys, tmp_path):
     mt = next(r for r in results["records"] if r["task"] == "mt-bench" and r["batch_size"] == 2)
     assert [len(t) for t in mt["methods"]["ar"]["turn_tokens"]] == [2, 2]  # both turns, for both rows
     assert batched["summary"]["chain:gamma=2"]["mean_verified_nodes"] > 0
+    chain = single["summary"]["chain:gamma=2"]  # the decode phase on its own, prefill left out
+    assert chain["decode_speedup_vs_ar"] > 0 and 0 <= chain["outside_decode_share"] < 1
+    assert chain["decode_tokens_per_s"] > chain["tokens_per_s"]
     for name in ("results.md", "speedup.png", "speedup_by_task.png", "batch_sizes.png", "accept_hist.png"):
         assert (out / name).stat().st_size > 100, name
     assert "B=2" in (out / "results.md").read_text()
@@ -176,6 +179,19 @@ def test_bench_tasks_batches_and_resume(pair, capsys, tmp_path):
     changed = [("6" if a == "5" else a) for a in argv]  # --max-new-tokens 6: different settings, refused
     code, _, err = run(capsys, *changed, "--resume")
     assert code == 2 and "different settings" in err
+
+    # --report-only re-renders the report from the records alone, keeping the measuring command
+    (out / "results.md").unlink()
+    code, _, err = run(capsys, *argv, "--report-only")
+    assert code == 0, err
+    rendered = json.loads((out / "results.json").read_text())
+    assert rendered["records"] == resumed["records"] and rendered["complete"]
+    assert rendered["command"] == resumed["command"] and "--report-only" not in rendered["command"]
+    assert (out / "results.md").read_text() == report
+    code, _, err = run(capsys, *changed, "--report-only")
+    assert code == 2 and "different settings" in err
+    code, _, err = run(capsys, *argv[:-1], str(tmp_path / "nothing-here"), "--report-only")
+    assert code == 2 and "no records.jsonl" in err
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -71,11 +71,14 @@ def _sessions_table(results: dict[str, Any]) -> list[str]:
 
 
 def _method_table(summary: dict[str, Any]) -> list[str]:
-    lines = ["| method | tokens/s | speedup vs ar | speedup vs hf | tokens/step | verified nodes/step | "
-             "identical to ar | peak RSS (allocated) | failed |", "|---|---|---|---|---|---|---|---|---|"]
+    """One row per method; 'decode only' leaves out prefill, which no speculative method shortens."""
+    lines = ["| method | tokens/s | speedup vs ar | speedup vs hf | decode only: vs ar | prefill share | tokens/step | "
+             "verified nodes/step | identical to ar | peak RSS (allocated) | failed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, s in summary.items():
         lines.append(f"| `{method}` | {s['tokens_per_s']:.3f} | {_x(s.get('speedup_vs_ar'))} | "
-                     f"{_x(s.get('speedup_vs_hf'))} | {_num(s.get('mean_accept_len'), 2)} | "
+                     f"{_x(s.get('speedup_vs_hf'))} | {_x(s.get('decode_speedup_vs_ar'))} | "
+                     f"{_pct(s.get('outside_decode_share'))} | {_num(s.get('mean_accept_len'), 2)} | "
                      f"{_num(s.get('mean_verified_nodes'))} | {_pct(s.get('identical_to_ar'))} | "
                      f"{_gb(s.get('peak_rss_mb'))} ({_gb(s.get('peak_anon_mb'))}) | {len(s['failed'])} |")
     return lines
@@ -95,6 +98,17 @@ def _task_table(by_task: dict[str, Any]) -> list[str]:
             cell = "–" if s is None else f"{s['tokens_per_s']:.2f} ({_x(s.get('speedup_vs_ar'))})"
             cells.append(f"**{cell}**" if best[task] == method else cell)
         lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    ar = {t: by_task[t].get("ar", {}) for t in tasks}
+    if all(a.get("decode_tokens_per_s") for a in ar.values()):
+        lines += ["", "Decode phase only (prefill left out: no speculative method shortens it): speedup vs `ar`; "
+                  "the last row is the share of `ar`'s time spent outside decode steps.", "",
+                  "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for method in methods:
+            if any(by_task[t].get(method, {}).get("decode_speedup_vs_ar") for t in tasks):
+                lines.append(f"| `{method}` | " + " | ".join(
+                    _x(by_task[t].get(method, {}).get("decode_speedup_vs_ar")) for t in tasks) + " |")
+        lines.append("| prefill share of `ar` | " + " | ".join(_pct(ar[t]["outside_decode_share"]) for t in tasks)
+                     + " |")
     return lines
 
 

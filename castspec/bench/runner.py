@@ -293,6 +293,22 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out_dir: Path | None =
     return assemble(config, env, groups, done, starts, complete=True)
 
 
+def report_from_records(config: BenchConfig, prompts: list[Prompt], out_dir: Path) -> dict[str, Any]:
+    """Results assembled from `out_dir/records.jsonl` alone, without loading a model.
+
+    Why: to re-render the report after a change to it, or to look at a long run while it is still going.
+    The settings must match the run's, as for `--resume`, so the groups line up with the records.
+    """
+    if not (out_dir / RECORDS_FILE).is_file():
+        raise CastspecError(f"--report-only: no {RECORDS_FILE} in {out_dir}; run the benchmark there first")
+    groups = make_groups(prompts, config.batch_sizes)
+    done, starts = _load_records(out_dir, config, resume=True)
+    if not starts:
+        raise CastspecError(f"--report-only: {out_dir / RECORDS_FILE} has no run header; it is not a bench log")
+    env = starts[-1].get("environment") or {}
+    return assemble(config, env, groups, done, starts, complete=all(g.id in done for g in groups))
+
+
 def _measure_group(runner: MethodRunner, group: Group, config: BenchConfig, rss: RssSampler,
                    bar: tqdm) -> dict[str, Any]:
     per_method: dict[str, dict[str, Any]] = {}
@@ -414,6 +430,11 @@ def summarize(records: list[dict[str, Any]], methods: list[str]) -> dict[str, An
             entry["accept_len_histogram"] = {str(n): accepted.count(n) for n in sorted(set(accepted))}
             entry["draft_s"] = round(sum(rec["draft_s"] for rec in ok), 3)
             entry["verify_s"] = round(sum(rec["verify_s"] for rec in ok), 3)
+            # Prefill (and per-turn setup) is work speculation cannot shorten; on long prompts it caps the
+            # end-to-end speedup, so the decode phase is reported on its own as well.
+            decode_s = entry["draft_s"] + entry["verify_s"]
+            entry["decode_tokens_per_s"] = round(tokens / decode_s, 4) if decode_s else 0.0
+            entry["outside_decode_share"] = round(1 - decode_s / wall, 4) if wall else 0.0
         identical = [same for rec in ok for same in rec.get("identical_to_ar", [])]
         if identical:
             entry["identical_to_ar"] = round(sum(identical) / len(identical), 4)
@@ -428,6 +449,11 @@ def summarize(records: list[dict[str, Any]], methods: list[str]) -> dict[str, An
         if base in summary and summary[base]["tokens_per_s"]:
             for entry in summary.values():
                 entry[f"speedup_vs_{base}"] = round(entry["tokens_per_s"] / summary[base]["tokens_per_s"], 4)
+    if summary.get("ar", {}).get("decode_tokens_per_s"):
+        for entry in summary.values():
+            if entry.get("decode_tokens_per_s"):
+                entry["decode_speedup_vs_ar"] = round(entry["decode_tokens_per_s"]
+                                                      / summary["ar"]["decode_tokens_per_s"], 4)
     return summary
 
 
