@@ -202,13 +202,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             command = json.loads(previous.read_text()).get("command", command)
         except (OSError, ValueError, AttributeError):
             pass
-        paths = write_report(report_from_records(config, prompts, args.out), args.out, command)
-        print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
-        return 0
-    results = run_bench(config, prompts, out_dir=args.out, resume=args.resume,
-                        on_group=lambda partial: write_report(partial, args.out, command))
+        results = report_from_records(config, prompts, args.out)
+    else:
+        results = run_bench(config, prompts, out_dir=args.out, resume=args.resume,
+                            on_group=lambda partial: write_report(partial, args.out, command))
     paths = write_report(results, args.out, command)
-    print(paths[1].read_text())
+    if not args.report_only:
+        print(paths[1].read_text())
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0
 

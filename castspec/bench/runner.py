@@ -351,11 +351,12 @@ def _load_records(out_dir: Path | None, config: BenchConfig, resume: bool) -> tu
         return {}, []
     done: dict[str, Any] = {}
     starts: list[dict] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, start=1):
         try:
             entry = json.loads(line)
         except ValueError:
-            if number == len(path.read_text().splitlines()):
+            if number == len(lines):
                 break  # the last line of an interrupted write
             raise CastspecError(f"{path}:{number}: not a JSON line; delete the file to start over") from None
         if "config" in entry:
