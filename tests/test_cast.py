@@ -10,7 +10,7 @@ import torch
 from castspec.cost.profiler import Grid, load_or_profile, profile
 from castspec.cost.table import CostTable, OnlineCosts
 from castspec.errors import CastspecError
-from castspec.policies import StepContext, make_policy
+from castspec.policies import StepContext, StepRecord, make_policy
 from castspec.policies.cast import Calibration, select_max_valid_index
 from tests.conftest import tiny_model
 
@@ -171,6 +171,32 @@ def test_auto_tree_shrinks_as_batch_grows():
                             batch_sizes=(1, 2, 4, 8, 16))
     sizes = [plan_tree(table, batch=b)[1] for b in (1, 4, 16)]
     assert sizes[0] > sizes[1] > sizes[2]
+
+
+def test_auto_falls_back_to_plain_decoding_and_probes_again():
+    """When speculative steps measure slower than plain decoding, auto decodes plainly, but probes again after a
+    doubling backoff; a fast probe brings speculation back. (A stale rate once blocked every probe, so one slow cold
+    step kept a whole prompt on plain decoding.)"""
+    policy = make_policy("cast")
+    policy.attach_costs(OnlineCosts(FLAT))
+    ctx = StepContext(batch_size=1, context_len=200, remaining=100)
+
+    def step(fast: bool) -> str:
+        policy.begin_step(ctx)
+        plain = policy.max_depth() == 0
+        one_s, four_s = policy.t_one / 1000, float(policy.verify_ms[4]) / 1000
+        if plain:
+            record = StepRecord(tree_size=0, verified=0, depth=0, accepted=torch.tensor([0]), draft_s=0.0,
+                                verify_s=one_s, plan={})
+        else:  # four nodes verified; fast: 3 accepted for little draft time, slow: none accepted after a long draft
+            record = StepRecord(tree_size=4, verified=4, depth=4, accepted=torch.tensor([3 if fast else 0]),
+                                draft_s=(0.1 if fast else 5.0) * one_s, verify_s=four_s, plan={})
+        policy.observe(record)
+        return "P" if plain else "S"
+
+    slow = "".join(step(fast=False) for _ in range(18))
+    assert slow == "S" + "P" * 4 + "S" + "P" * 8 + "S" + "P" * 3  # back off 4 steps, then 8, then 16
+    assert "".join(step(fast=True) for _ in range(20)) == "P" * 13 + "S" * 7  # a fast probe: speculate again
 
 
 def test_calibration_learns_acceptance():

@@ -143,6 +143,8 @@ class CastPolicy(TreePolicy):
             self.plain_left -= 1
             self.probing = self.plain_left == 0  # the next speculative step measures afresh
             return True
+        if self.probing:  # the backoff is over: speculate once and judge by that step, not the stale rate
+            return False
         if self.spec_rate is not None and self.spec_rate < 0.95 / self.t_one:
             self.backoff = min(max(2 * self.backoff, 4), 64)  # each failed probe waits twice as long
             self.plain_left = self.backoff - 1
@@ -247,6 +249,7 @@ class CastPolicy(TreePolicy):
         self.costs.observe("target", predicted_verify, record.verify_s * 1000)
         if record.tree_size:
             self.costs.observe("draft", self.draft_ms, record.draft_s * 1000)
+        if not self.plain:  # a speculative step (even one that verified nothing) measures the speculative rate
             tokens = float(record.accepted.float().mean()) + 1.0
             rate = tokens / max((record.draft_s + record.verify_s) * 1000, 1e-6)
             fresh = self.spec_rate is None or self.probing
