@@ -79,8 +79,7 @@ class DraftTree:
         position_in_subset.scatter_(1, nodes, torch.arange(count, device=nodes.device).expand(batch, count))
         parents = self.parents.gather(1, nodes)
         parent_pos = torch.where(parents >= 0, position_in_subset.gather(1, parents.clamp(min=0)), -1)
-        if bool((parent_pos[parents >= 0] < 0).any()):
-            raise ValueError("selected nodes are not closed under ancestors")
+        check_closed(parents, parent_pos)
         rows = self.ancestors.gather(1, nodes[:, :, None].expand(-1, -1, self.size))
         ancestors = rows.gather(2, nodes[:, None, :].expand(-1, count, -1))
         return VerifyTree(
@@ -91,6 +90,16 @@ class DraftTree:
             parent_pos=parent_pos,
             ancestors=ancestors,
         )
+
+
+def check_closed(parents: torch.Tensor, parent_pos: torch.Tensor) -> None:
+    """Every selected node's parent must be selected too: a node with a parent node (`parents` >= 0) but no parent
+    position in the selection (`parent_pos` -1) means the selection is not closed under ancestors.
+
+    The step's one value check of the selection (a host sync); kept apart so device tests can stub it.
+    """
+    if bool(((parents >= 0) & (parent_pos < 0)).any()):
+        raise ValueError("selected nodes are not closed under ancestors")
 
 
 @dataclass

@@ -8,8 +8,9 @@ knows which policy it runs. Adding a policy means adding one module in this pack
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -84,13 +85,36 @@ class TreePolicy(ABC):
 
 
 def top_nodes_by_score(tree: DraftTree, count: int, values: torch.Tensor | None = None) -> torch.Tensor:
-    """The `count` best nodes per sequence by path score (or by `values` [B, N], which like path scores must never
-    increase from parent to child); ties go to the shallower node, so the set is always a subtree."""
+    """The `count` best nodes per sequence by path score (or by `values` [B, N] on the tree's device, which like path
+    scores must never increase from parent to child); ties go to the shallower node, so the set is always a subtree.
+    Pure device work: the result is on the tree's device."""
     count = min(count, tree.size)
-    values = tree.logscore if values is None else values.to(tree.logscore.device)
+    values = tree.logscore if values is None else values
     by_depth = torch.sort(tree.depth, dim=1, stable=True).indices
     by_score = torch.sort(values.gather(1, by_depth), dim=1, descending=True, stable=True).indices
     return by_depth.gather(1, by_score[:, :count])
+
+
+# --- The host/device boundary of policy code ----------------------------------------------------------------------
+# A shape decision needs a few real numbers on the host (how many candidates to keep, how many to expand), and CAST
+# keeps its bookkeeping (calibration table, costs, rates) on the CPU. These two functions are the only crossings:
+# policy arithmetic that reads values runs inside `on_host`; every index a policy hands back to the engine goes
+# through `to_device`. Everything else in policy code is device work on the engine's tensors.
+_Host = TypeVar("_Host")
+
+
+def on_host(decide: Callable[..., _Host], *values: torch.Tensor) -> _Host:
+    """Run `decide` (host-side policy arithmetic) with CPU copies of the device `values` it reads.
+
+    On a GPU each value is one small copy and one sync; a handful of host operations then beat dozens of tiny kernel
+    launches. What `decide` returns is host data: ints, floats, CPU tensors (indices go back through `to_device`).
+    """
+    return decide(*(value.detach().cpu() for value in values))
+
+
+def to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host data a policy hands to the engine, moved to the tree's device (`device`, e.g. `cand_logscore.device`)."""
+    return index.to(device)
 
 
 _REGISTRY: dict[str, type[TreePolicy]] = {}

@@ -24,13 +24,14 @@ decoding's), steps fall back to plain decoding and probe again later with growin
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
 from typing import Any
 
 import torch
 
 from castspec.cost.table import OnlineCosts, monotone
 from castspec.errors import CastspecError
-from castspec.policies.base import StepContext, StepRecord, TreePolicy, register, top_nodes_by_score
+from castspec.policies.base import StepContext, StepRecord, TreePolicy, on_host, register, to_device, top_nodes_by_score
 from castspec.tree import DraftTree
 
 
@@ -54,7 +55,8 @@ class Calibration:
     its parent was accepted).
 
     Buckets over log-probability with a prior pulling each bucket towards the draft's own probability; kept
-    monotone (a likelier path is never predicted less acceptable than a less likely one).
+    monotone (a likelier path is never predicted less acceptable than a less likely one). Host-side bookkeeping:
+    it takes and returns CPU tensors (the policy reaches it through `on_host`).
     """
 
     def __init__(self, width: float = 0.25, lowest: float = -10.0, prior_weight: float = 4.0):
@@ -70,8 +72,8 @@ class Calibration:
         self.table = torch.tensor(monotone((self.hits / self.counts).tolist(), self.counts.tolist()))
 
     def __call__(self, logscore: torch.Tensor) -> torch.Tensor:
-        index = torch.bucketize(logscore.float().clamp(max=0.0).cpu(), self.edges).clamp(max=len(self.edges) - 1)
-        return self.table[index].to(logscore.device)
+        index = torch.bucketize(logscore.float().clamp(max=0.0), self.edges).clamp(max=len(self.edges) - 1)
+        return self.table[index]
 
     def log(self, logscore: torch.Tensor) -> torch.Tensor:
         return torch.log(self(logscore).clamp(min=1e-6))
@@ -79,11 +81,11 @@ class Calibration:
     def update(self, logscore: torch.Tensor, accepted: torch.Tensor) -> None:
         if logscore.numel() == 0:
             return
-        index = torch.bucketize(logscore.float().clamp(max=0.0).cpu().flatten(), self.edges)
+        index = torch.bucketize(logscore.float().clamp(max=0.0).flatten(), self.edges)
         index = index.clamp(max=len(self.edges) - 1)
         size = len(self.edges)
         self.counts += torch.bincount(index, minlength=size).float()
-        self.hits += torch.bincount(index, weights=accepted.float().cpu().flatten(), minlength=size)
+        self.hits += torch.bincount(index, weights=accepted.float().flatten(), minlength=size)
         self._refresh()
 
 
@@ -115,10 +117,17 @@ class CastPolicy(TreePolicy):
         self.costs = costs
 
     # --- per step --------------------------------------------------------------------------------------------
+    # Every decision below is host arithmetic on the CPU (costs, calibration, rates); the device-facing methods
+    # (begin_step, choose, select, observe) reach it only through `on_host` and return indices through `to_device`.
     def begin_step(self, ctx: StepContext) -> None:
         if self.costs is None:
             raise CastspecError("the cast policy needs a cost table (load_generator profiles one automatically)")
         self.ctx = ctx
+        on_host(self._plan_step)
+
+    def _plan_step(self) -> None:
+        """This step's cost lookups and fresh per-step state; decides whether it is a plain-decoding step."""
+        ctx = self.ctx
         # Costs of this step's possible shapes, looked up once: verify m nodes (+ root), draft w tokens.
         self.verify_ms = torch.tensor([self._f("target", m + 1) for m in range(self.verify_cap + 1)])
         self.draft_w_ms = [0.0] + [self._f("draft", w) for w in range(1, max(self.max_width, self.top_k) + 1)]
@@ -160,7 +169,11 @@ class CastPolicy(TreePolicy):
         return self.top_k
 
     def choose(self, level: int, cand_logscore: torch.Tensor) -> tuple[torch.Tensor, int]:
-        cand_logscore = cand_logscore.cpu()
+        kept, expand = on_host(self._choose_on_host, cand_logscore)
+        return to_device(kept, cand_logscore.device), expand
+
+    def _choose_on_host(self, cand_logscore: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """`choose` on the host: the kept candidate indices (CPU) and the next frontier's width."""
         batch, frontier = self.frontier_score.shape
         edge_logp = cand_logscore.view(batch, frontier, -1) - self.frontier_score[:, :, None]
         cand_logacc = (self.frontier_logacc[:, :, None] + self.calibration.log(edge_logp)).flatten(1)
@@ -220,20 +233,26 @@ class CastPolicy(TreePolicy):
     # --- verification ----------------------------------------------------------------------------------------
     def select(self, tree: DraftTree) -> torch.Tensor:
         if self.mode == "paper":
-            count = self._rerank_paper(tree) if self.rerank else min(self.verify_cap, tree.size)
+            count = on_host(self._rerank_paper, tree.logscore) if self.rerank else min(self.verify_cap, tree.size)
             self.last_plan.update(widths=self.widths, verify=count)
             return top_nodes_by_score(tree, count)
+        count, logacc = on_host(self._plan_verify)
+        return top_nodes_by_score(tree, count, values=to_device(logacc, tree.logscore.device))
+
+    def _plan_verify(self) -> tuple[int, torch.Tensor]:
+        """auto, on the host: how many nodes to verify, and every node's calibrated log-acceptance (CPU) to rank by."""
         logacc = torch.cat(self.node_logacc, dim=1)  # in tree order: levels were appended as kept
         rate, count = self._best_rate(logacc.exp(), self.draft_ms)
         expected = rate * (self.draft_ms + float(self.verify_ms[min(count, self.verify_cap)])) - 1.0
         self.last_plan.update(widths=self.widths, verify=count, predicted_accepted=round(expected, 3),
                               predicted_draft_ms=round(self.draft_ms, 2),
                               predicted_verify_ms=round(float(self.verify_ms[min(count, self.verify_cap)]), 2))
-        return top_nodes_by_score(tree, count, values=logacc)
+        return count, logacc
 
-    def _rerank_paper(self, tree: DraftTree) -> int:
-        limit = min(tree.size, self.verify_cap)
-        top = torch.sort(tree.logscore, dim=1, descending=True).values[:, :limit]
+    def _rerank_paper(self, logscore: torch.Tensor) -> int:
+        """paper, on the host: the verify count by Algorithm 1 over the nodes' path scores `logscore` [B, N]."""
+        limit = min(logscore.shape[1], self.verify_cap)
+        top = torch.sort(logscore, dim=1, descending=True).values[:, :limit]
         u = [0.0] + top.exp().cumsum(dim=1).mean(dim=0).tolist()
         c = [1.0] + [self._f("target", k + 1) / self.t_one for k in range(1, limit + 1)]
         return select_max_valid_index(u, c, self.C3, start=0)
@@ -242,15 +261,22 @@ class CastPolicy(TreePolicy):
     def observe(self, record: StepRecord) -> None:
         if self.costs is None:
             return
+        edges: tuple[torch.Tensor, ...] = ()
         if record.edge_logp is not None and record.edge_logp.numel():
-            judged = record.parent_accepted
-            self.calibration.update(record.edge_logp[judged], record.node_accepted[judged])
+            edges = (record.edge_logp, record.parent_accepted, record.node_accepted)
+        on_host(partial(self._learn, record), record.accepted, *edges)
+
+    def _learn(self, record: StepRecord, accepted: torch.Tensor, edge_logp: torch.Tensor | None = None,
+               parent_accepted: torch.Tensor | None = None, node_accepted: torch.Tensor | None = None) -> None:
+        """`observe` on the host (CPU copies of the step's tensors): calibration, cost rescaling, measured rate."""
+        if edge_logp is not None:
+            self.calibration.update(edge_logp[parent_accepted], node_accepted[parent_accepted])
         predicted_verify = float(self.verify_ms[min(record.verified, self.verify_cap)])
         self.costs.observe("target", predicted_verify, record.verify_s * 1000)
         if record.tree_size:
             self.costs.observe("draft", self.draft_ms, record.draft_s * 1000)
         if not self.plain:  # a speculative step (even one that verified nothing) measures the speculative rate
-            tokens = float(record.accepted.float().mean()) + 1.0
+            tokens = float(accepted.float().mean()) + 1.0
             rate = tokens / max((record.draft_s + record.verify_s) * 1000, 1e-6)
             fresh = self.spec_rate is None or self.probing
             self.spec_rate = rate if fresh else self.spec_rate + 0.2 * (rate - self.spec_rate)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from castspec.errors import CastspecError
-from castspec.policies.base import TreePolicy, register
+from castspec.policies.base import TreePolicy, register, to_device
 
 DEFAULT_PATHS = "0;1;2;0.0;0.1;1.0;2.0;0.0.0;0.0.1;0.1.0;1.0.0;0.0.0.0;0.0.0.0.0;0.0.0.0.0.0"
 
@@ -30,7 +30,7 @@ class StaticTreePolicy(TreePolicy):
         if any(n[:-1] and n[:-1] not in known for n in nodes):
             raise CastspecError("static: every prefix of a path must itself be a path")
         self.paths = str(paths)
-        self._levels: list[tuple[list[int], int, int]] = []  # per level: candidate indices, expand count, k
+        self._levels: list[tuple[torch.Tensor, int, int]] = []  # per level: candidate indices (CPU), expand, k
         frontier: list[tuple[int, ...]] = [()]
         for level in range(1, max(len(n) for n in nodes) + 1):
             here = [n for n in nodes if len(n) == level]
@@ -39,7 +39,7 @@ class StaticTreePolicy(TreePolicy):
             k = max(n[-1] for n in here) + 1
             picks = [frontier.index(n[:-1]) * k + n[-1] for n in here]
             expand = sum(n in has_children for n in here)
-            self._levels.append((picks, expand, k))
+            self._levels.append((torch.tensor(picks, dtype=torch.long), expand, k))
             frontier = here[:expand]
 
     def max_depth(self) -> int:
@@ -50,8 +50,7 @@ class StaticTreePolicy(TreePolicy):
 
     def choose(self, level: int, cand_logscore: torch.Tensor) -> tuple[torch.Tensor, int]:
         picks, expand, _ = self._levels[level - 1]
-        index = torch.tensor(picks, dtype=torch.long, device=cand_logscore.device)
-        return index.expand(cand_logscore.shape[0], -1), expand
+        return to_device(picks, cand_logscore.device).expand(cand_logscore.shape[0], -1), expand
 
     def describe(self) -> dict:
         return {"policy": self.name, "paths": self.paths}
