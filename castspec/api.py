@@ -26,16 +26,21 @@ DEFAULT_POLICY = "cast"
 
 def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRAFT,
                    policy: TreePolicy | str = DEFAULT_POLICY, device: str = "cpu", fast_kernels: bool = True,
-                   draft_quant: str = "int8", cost_table: str | None = None) -> SpeculativeGenerator:
+                   draft_quant: str = "int8", cost_table: str | None = None,
+                   max_batch_size: int = 1) -> SpeculativeGenerator:
     """Load models and build a `SpeculativeGenerator`.
 
     On CPU, `fast_kernels` runs every fp32 linear of both models on oneDNN with pre-packed weights (the `ar`
     baseline gets them too, so speedups compare like with like); `draft_quant="int8"` quantizes the draft's linears
     to int8, which makes drafting ~3x cheaper and cannot change the output (the target decides every token).
     Both are ignored on CUDA. Policies that size trees from measured costs (`cast`) get the cost table at
-    `cost_table`, or the one cached for this device and pair, or a quick profile made now.
+    `cost_table`, or the one cached for this device and pair, or a quick profile made now; pass the largest batch
+    you will give `generate_batch` as `max_batch_size`, so the profile covers it (else costs are looked up for the
+    wrong batch size, with a warning).
     """
     policy = make_policy(policy) if isinstance(policy, str) else policy
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise CastspecError(f"max_batch_size must be a whole number >= 1, got {max_batch_size!r}")
     if draft_quant not in ("int8", "none"):
         raise CastspecError(f"draft_quant must be 'int8' or 'none', got '{draft_quant}'")
     target_model, tokenizer = load_model(target, device=device)
@@ -58,7 +63,8 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRA
             use_fast_cpu_linears(draft_model)
     costs = None
     if getattr(policy, "needs_costs", False):
-        table = load_or_profile({"target": target_model, "draft": draft_model}, path=cost_table)
+        table = load_or_profile({"target": target_model, "draft": draft_model}, path=cost_table,
+                                max_batch_size=max_batch_size)
         costs = OnlineCosts(table)
     return SpeculativeGenerator(target_model, tokenizer, draft=draft_model, policy=policy, costs=costs)
 

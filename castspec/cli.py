@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from castspec.errors import CastspecError
 
@@ -24,12 +25,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are `CastspecError`s: one `castspec: error:` line and exit code 2, like every
+    other bad input, instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CastspecError(f"{message} (see `{self.prog} --help`)")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it says something: not for on/off flags or unset options, nor twice where the
+    help text already explains the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from castspec.api import DEFAULT_DRAFT, DEFAULT_POLICY, DEFAULT_TARGET
     from castspec.models.packaged import BUILTIN_MODELS
+    from castspec.policies import policy_names
 
     names = ", ".join(BUILTIN_MODELS)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="castspec",
         description="Lossless speculative decoding with cost-aware draft trees for Hugging Face causal LMs.",
     )
@@ -37,28 +57,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser(
         "generate", help="generate text with a target model sped up by a draft",
-        description="Generate greedily from a prompt. The output is token for token what the target alone would "
-                    "produce; the draft and the tree policy only change the speed. Models are a local Hugging Face "
-                    f"directory or a built-in name ({names}).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Generate from a prompt, greedily (the default: token for token what the target alone would "
+                    "produce) or by sampling with --temperature > 0 (exactly the target's own distribution). The "
+                    "draft and the tree policy only change the speed. Models are a local Hugging Face directory or "
+                    f"a built-in name ({names}).",
+        formatter_class=_HelpFormatter)
     _model_arguments(gen, DEFAULT_TARGET, DEFAULT_DRAFT)
     gen.add_argument("--policy", default=DEFAULT_POLICY,
-                     help="tree policy: ar, chain, static, eagle2, cast, optionally with parameters, e.g. "
+                     help=f"tree policy: {', '.join(policy_names())}, optionally with parameters, e.g. "
                           "'chain:gamma=4', 'eagle2:total_tokens=16,depth=4,top_k=4', 'cast:mode=paper,C1=4'")
     source = gen.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the prompt text (default: a built-in coding prompt)")
     source.add_argument("--prompt-file", type=Path,
-                        help="read the prompt from this file (with --batch-size: one prompt per line)")
+                        help="read the prompt from this UTF-8 file (with --batch-size: one prompt per line)")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _sampling_arguments(gen)
     gen.add_argument("--batch-size", type=_positive_int, default=1,
-                     help="with --prompt-file: generate this many lines' prompts at once")
+                     help="with --prompt-file: decode this many lines' prompts at once as one batch (cast's "
+                          "cost table is profiled for batch sizes up to this)")
     gen.add_argument("--no-fast-kernels", action="store_true", help="keep stock nn.Linear kernels on CPU")
     gen.add_argument("--compare", action="store_true",
-                     help="also run plain decoding (ar) on the same prompt and report the speedup")
+                     help="then run plain decoding (policy ar: the target alone, the draft model never runs) on "
+                          "the same prompt and report the speedup over it and whether the output is identical")
     gen.add_argument("--cost-table", default=None,
-                     help="cost table for cast (default: the one cached for this device and pair, else profiled)")
+                     help="cost table for cast (default: the one cached for this device and pair, else a quick "
+                          "profile for the batch sizes used)")
     gen.add_argument("--verbose", action="store_true",
                      help="print each step's decisions (widths, depth, verify count, predicted vs actual)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -69,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time one forward over n new tokens for B sequences with a c-token cache, for the target and "
                     "the draft as `generate` runs them (same kernels), on a grid. Writes a JSON cost table that the "
                     "cast policy uses; by default into the cache where `generate` finds it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     _model_arguments(prof, DEFAULT_TARGET, DEFAULT_DRAFT)
     prof.add_argument("--batch-sizes", default="1,2,4,8", help="comma-separated batch sizes")
     prof.add_argument("--contexts", default="256,1024", help="comma-separated context lengths (cache sizes)")
@@ -84,22 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run every method on the same prompts, interleaved per prompt, after a warm-up. Writes "
                     "results.json, results.md and plots to --out. Methods: ar (plain decoding, our loop), hf (stock "
                     "transformers generate), hf-assisted (stock generate with assistant_model), or any --policy spec.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     _model_arguments(bench, DEFAULT_TARGET, DEFAULT_DRAFT)
     bench.add_argument("--dataset", action="append", default=None,
                        help="humaneval, or spec-bench:PATH[:TASK,...] with tasks mt-bench, gsm8k, cnn-dm, "
                             "natural-questions, translation, rag; repeat to run several in one table "
                             "(default: humaneval)")
     bench.add_argument("--num-prompts", type=_positive_int, default=8, help="prompts per task (seeded choice)")
-    bench.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    bench.add_argument("--max-new-tokens", type=_positive_int, default=128,
+                       help="tokens to generate at most per prompt (per turn, for multi-turn prompts)")
     bench.add_argument("--methods", default=f"ar,hf,{DEFAULT_POLICY}",
                        help="comma-separated; separate a method's own parameters with '/' instead of ',' "
                             "(e.g. eagle2:total_tokens=16/depth=4)")
-    bench.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling (lossless)")
-    bench.add_argument("--top-k", type=int, default=0)
-    bench.add_argument("--top-p", type=float, default=1.0)
-    bench.add_argument("--seed", type=int, default=0, help="prompt choice and sampling seed")
-    bench.add_argument("--cost-table", default=None, help="cost table for cast methods (default: cached/profiled)")
+    _sampling_arguments(bench, seed=0, seed_help="prompt choice and sampling seed")
+    bench.add_argument("--cost-table", default=None,
+                       help="cost table for cast methods (default: the cached one, else a quick profile for the "
+                            "batch sizes of --batch-size)")
     bench.add_argument("--batch-size", default="1",
                        help="comma-separated batch sizes, e.g. 1,2,4,8: prompts are decoded B at a time by every "
                             "method (hf-assisted: batch 1 only, as in transformers)")
@@ -184,17 +208,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.quick:
         args.num_prompts, args.max_new_tokens = 2, 16
         args.methods = "ar,hf,chain:gamma=4,eagle2:total_tokens=16/depth=4/top_k=4,cast"
-    methods = [m.strip().replace("/", ",") for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise CastspecError("--methods is empty")
+    methods = _bench_methods(args.methods)
+    batch_sizes = _int_list(args.batch_size, "--batch-size")
+    _sampling(args)  # validate before loading prompts or models
     datasets = args.dataset or ["humaneval"]
     prompts = [p for dataset in datasets for p in load_prompts(dataset, args.num_prompts, args.seed)]
-    batch_sizes = _int_list(args.batch_size, "--batch-size")
     config = BenchConfig(target=args.target, draft=args.draft, methods=methods, max_new_tokens=args.max_new_tokens,
                          device=args.device, draft_quant=args.draft_quant, cost_table=args.cost_table,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          batch_sizes=batch_sizes, datasets=datasets, num_prompts=args.num_prompts)
-    _sampling(args)  # validate
     command = "castspec " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--report-only")
     if args.report_only:
         previous = args.out / "results.json"
@@ -213,13 +235,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
+def _bench_methods(text: str) -> list[str]:
+    """The --methods list, each policy spec checked now (a typo should not wait for the models to load)."""
+    from castspec.bench.runner import HF_METHODS
+    from castspec.policies import make_policy
+
+    methods = [m.strip().replace("/", ",") for m in text.split(",") if m.strip()]
+    if not methods:
+        raise CastspecError("--methods is empty; e.g. --methods ar,hf,cast")
+    for method in methods:
+        if method not in HF_METHODS:
+            make_policy(method)
+    return methods
+
+
+def _sampling_arguments(parser: argparse.ArgumentParser, seed: int | None = None,
+                        seed_help: str = "random seed: the same seed repeats the output (default: a fresh one)",
+                        ) -> None:
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 = greedy (output identical to the target's); > 0 samples exactly the target's "
                              "distribution")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed: the same seed repeats the output")
+    parser.add_argument("--seed", type=int, default=seed, help=seed_help)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -237,39 +275,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.prompt_file is not None:
-        try:
-            prompt = args.prompt_file.read_text()
-        except OSError as err:
-            raise CastspecError(f"cannot read --prompt-file: {err.strerror}: {args.prompt_file}") from None
-    else:
-        prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
-    if not prompt.strip():
-        raise CastspecError("the prompt is empty")
-    if args.batch_size > 1 and args.prompt_file is None:
-        raise CastspecError("--batch-size needs --prompt-file with one prompt per line")
+    prompt = _read_prompt(args)
+    prompts = [line for line in prompt.splitlines() if line.strip()] if args.batch_size > 1 else [prompt]
+    if args.compare and args.batch_size > 1:
+        raise CastspecError("--compare measures one prompt; drop --batch-size (use `castspec bench` for batches)")
     sampling = _sampling(args)
     policy = make_policy(args.policy)
     gen = load_generator(args.target, args.draft if policy.uses_draft else None, policy, device=args.device,
                          fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
-                         cost_table=args.cost_table)
+                         cost_table=args.cost_table, max_batch_size=min(args.batch_size, len(prompts)))
     if args.batch_size > 1:
-        return _generate_batches(args, gen, [line for line in prompt.splitlines() if line.strip()])
+        return _generate_batches(args, gen, prompts)
     gen.generate(prompt, max_new_tokens=2, chat=args.chat)  # warm-up: first-call allocations are not speed
-    if args.json:
-        result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, **sampling)
-    else:
-        result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
-                              on_tokens=_streamer(gen.tokenizer), **sampling)
+    streamer = None if args.json else _streamer(gen.tokenizer)
+    result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, on_tokens=streamer, **sampling)
+    if streamer is not None:
         print()
     out = {"text": result.text, "token_ids": result.token_ids, "new_tokens": len(result.token_ids),
            "prompt_tokens": result.prompt_tokens, "policy": policy.describe(), "stats": result.stats.as_dict()}
-    if args.compare:
-        gen.policy = make_policy("ar")
-        baseline = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, **sampling)
-        out["ar"] = {"stats": baseline.stats.as_dict(per_step=False),
-                     "identical": baseline.token_ids == result.token_ids}
-        out["speedup_vs_ar"] = round(baseline.stats.wall_s / result.stats.wall_s, 3)
+    baseline = _compare_with_ar(args, gen, prompt, result, sampling, out) if args.compare else None
     if args.json:
         print(json.dumps(out))
         return 0
@@ -281,32 +305,78 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"\n[{label}] {s.new_tokens} tokens in {s.wall_s:.2f} s = {s.tokens_per_s:.2f} tok/s; "
           f"{s.steps} target steps, {s.mean_accept_len:.2f} tokens per step "
           f"(draft {s.draft_s:.2f} s, verify {s.verify_s:.2f} s)", file=sys.stderr)
-    if args.compare:
-        b = baseline.stats
-        if args.temperature > 0:
-            same = "sampled: outputs differ by chance, the distribution is the same"
-        else:
-            same = ("identical output" if out["ar"]["identical"]
-                    else "OUTPUT DIFFERS from ar (fp32 near-tie, see README)")
-        print(f"[ar] {b.new_tokens} tokens in {b.wall_s:.2f} s = {b.tokens_per_s:.2f} tok/s\n"
-              f"speedup over plain decoding: {out['speedup_vs_ar']:.2f}x, {same}", file=sys.stderr)
+    if baseline is not None:
+        _print_comparison(args, baseline, out)
     return 0
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    """The prompt text from --prompt, --prompt-file or the built-in default; an empty one is refused."""
+    if args.prompt_file is None:
+        prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+        if not prompt.strip():
+            raise CastspecError("the prompt is empty")
+    else:
+        try:
+            prompt = args.prompt_file.read_text(encoding="utf-8")
+        except OSError as err:
+            raise CastspecError(f"cannot read --prompt-file: {err.strerror}: {args.prompt_file}") from None
+        except UnicodeDecodeError:
+            raise CastspecError(f"cannot read --prompt-file: not UTF-8 text: {args.prompt_file}") from None
+        if not prompt.strip():
+            raise CastspecError(f"--prompt-file {args.prompt_file} is empty (only whitespace); put the prompt in it")
+    if args.batch_size > 1 and args.prompt_file is None:
+        raise CastspecError("--batch-size needs --prompt-file with one prompt per line")
+    return prompt
+
+
+def _compare_with_ar(args: argparse.Namespace, gen, prompt: str, result, sampling: dict, out: dict):
+    """Plain decoding of the same prompt as the baseline, recorded in `out`; returns its result.
+
+    The baseline is policy `ar`: the target alone, one token per forward. A policy that does not use the draft
+    never runs the draft model (the engine neither prefills nor feeds it), so the baseline pays nothing for it.
+    """
+    from castspec.policies import make_policy
+
+    gen.policy = make_policy("ar")
+    baseline = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, **sampling)
+    out["ar"] = {"stats": baseline.stats.as_dict(per_step=False), "identical": baseline.token_ids == result.token_ids}
+    out["speedup_vs_ar"] = round(baseline.stats.wall_s / result.stats.wall_s, 3)
+    return baseline
+
+
+def _print_comparison(args: argparse.Namespace, baseline, out: dict) -> None:
+    b = baseline.stats
+    if args.temperature > 0:
+        same = "sampled: outputs differ by chance, the distribution is the same"
+    else:
+        same = "identical output" if out["ar"]["identical"] else "OUTPUT DIFFERS from ar (fp32 near-tie, see README)"
+    print(f"[ar: plain decoding, target only, no draft] {b.new_tokens} tokens in {b.wall_s:.2f} s = "
+          f"{b.tokens_per_s:.2f} tok/s\n"
+          f"speedup over plain decoding (ar): {out['speedup_vs_ar']:.2f}x, {same}", file=sys.stderr)
 
 
 def _generate_batches(args: argparse.Namespace, gen, prompts: list[str]) -> int:
     """Generate `args.batch_size` prompts at a time; print each result (or one JSON list)."""
+    from castspec.bench.runner import batch_totals
+
     outputs = []
     for first in range(0, len(prompts), args.batch_size):
         chunk = prompts[first:first + args.batch_size]
         results = gen.generate_batch(chunk, max_new_tokens=args.max_new_tokens, chat=args.chat, **_sampling(args))
+        batch = batch_totals(results)
+        tokens = sum(len(r.token_ids) for r in results)
+        batch_figures = {"rows": len(chunk), "new_tokens": tokens, "wall_s": round(batch["wall_s"], 4),
+                         "tokens_per_s": round(tokens / batch["wall_s"], 3) if batch["wall_s"] > 0 else 0.0}
         for offset, result in enumerate(results):
             s = result.stats
             outputs.append({"index": first + offset, "text": result.text, "token_ids": result.token_ids,
                             "new_tokens": len(result.token_ids), "prompt_tokens": result.prompt_tokens,
-                            "stats": s.as_dict(per_step=args.verbose)})
+                            "stats": s.as_dict(per_step=args.verbose), "batch": batch_figures})
             if not args.json:
-                print(f"=== prompt {first + offset + 1} ({s.new_tokens} tokens, {s.mean_accept_len:.2f} per step, "
-                      f"batch of {len(chunk)} in {s.wall_s:.2f} s)\n{result.text}")
+                print(f"=== prompt {first + offset + 1} ({s.new_tokens} tokens, {s.mean_accept_len:.2f} per step; "
+                      f"batch of {len(chunk)}: {tokens} tokens in {batch['wall_s']:.2f} s = "
+                      f"{batch_figures['tokens_per_s']:.2f} tok/s)\n{result.text}")
     if args.json:
         print(json.dumps(outputs))
     return 0
@@ -330,9 +400,8 @@ def _streamer(tokenizer):
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except CastspecError as err:
         print(f"castspec: error: {err}", file=sys.stderr)

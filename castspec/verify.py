@@ -24,6 +24,9 @@ target mass on the children, the best any verifier can get from a fixed set of c
 
 from __future__ import annotations
 
+import math
+import operator
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -53,16 +56,33 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         from castspec.errors import CastspecError
 
-        if self.temperature < 0:
-            raise CastspecError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise CastspecError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise CastspecError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (_is_number(self.temperature) and self.temperature >= 0):  # nan compares false: refused too
+            raise CastspecError(f"temperature must be a number >= 0 (0: greedy), got {self.temperature}")
+        if not (_is_whole(self.top_k) and self.top_k >= 0):
+            raise CastspecError(f"top_k must be a whole number >= 0 (0: off), got {self.top_k}")
+        if not (_is_number(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise CastspecError(f"top_p must be in (0, 1] (1: off), got {self.top_p}")
+        if self.seed is not None and not _is_whole(self.seed):
+            raise CastspecError(f"seed must be a whole number or None, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _is_whole(value: object) -> bool:
+    try:
+        operator.index(value)  # int, numpy and 0-d torch integers; not floats or text
+    except TypeError:
+        return False
+    return True
+
+
+def _is_number(value: object) -> bool:
+    try:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    except TypeError:
+        return False
 
 
 class TokenChooser:
@@ -77,12 +97,14 @@ class TokenChooser:
 
             warpers = [TemperatureLogitsWarper(config.temperature)]
             if config.top_k:
-                warpers.append(TopKLogitsWarper(config.top_k))
+                warpers.append(TopKLogitsWarper(int(config.top_k)))  # it accepts a Python int only
             if config.top_p < 1.0:
                 warpers.append(TopPLogitsWarper(config.top_p))
             self.warpers = LogitsProcessorList(warpers)  # the same order as `generate`'s sampling warpers
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+            # No seed: fresh OS entropy. `torch.seed()` would also reseed torch's global generator behind the
+            # caller's back, changing every later `torch.rand` of theirs.
+            self.generator.manual_seed(config.seed if config.seed is not None else secrets.randbits(63))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The target's sampling distribution for logits [..., V] (for tests and diagnostics)."""

@@ -53,53 +53,118 @@ def test_generate_json_with_compare(pair, capsys):
     assert result["speedup_vs_ar"] > 0
 
 
-def test_generate_streams_text(pair, capsys):
+def test_generate_streams_text_and_names_the_baseline(pair, capsys):
     target, draft, _ = pair
     code, out, err = run(capsys, "generate", "--target", target, "--draft", draft, "--policy", "chain:gamma=2",
-                         "--prompt", "hello", "--max-new-tokens", "5")
+                         "--prompt", "hello", "--max-new-tokens", "5", "--compare")
     assert code == 0, err
     assert out.strip()
     assert "tok/s" in err
+    assert "[ar: plain decoding, target only, no draft] 5 tokens" in err  # what the speedup is measured against
+    assert "speedup over plain decoding (ar):" in err and "identical output" in err
+
+
+def _fake_profile(grids):
+    """A stand-in for the profiler (tiny models take ~40 s to profile on a busy CPU): a flat table on the grid."""
+    from castspec.cost.profiler import expected_meta
+    from castspec.cost.table import CostTable
+
+    def profile(models, grid, progress=True):
+        grids.append(grid)
+        ms = {role: [[[1.0 + n for n in grid.tokens] for _ in grid.contexts] for _ in grid.batch_sizes]
+              for role in models}
+        return CostTable(meta=expected_meta(models), batch_sizes=list(grid.batch_sizes),
+                         contexts=list(grid.contexts), tokens=list(grid.tokens), ms=ms)
+
+    return profile
+
+
+def test_batch_generation_profiles_every_batch_size_it_uses(pair, capsys, tmp_path, monkeypatch):
+    """A fresh machine: `--batch-size 3` must measure costs for batches of 1..3, not only 1 (lookups would clamp)."""
+    target, draft, _ = pair
+    grids = []
+    monkeypatch.setenv("CASTSPEC_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("castspec.cost.profiler.profile", _fake_profile(grids))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\nabc\nxyz\n")
+    code, out, err = run(capsys, "generate", "--target", target, "--draft", draft, "--policy", "cast",
+                         "--prompt-file", str(prompts), "--batch-size", "3", "--max-new-tokens", "3", "--json")
+    assert code == 0, err
+    assert [g.batch_sizes for g in grids] == [[1, 2, 3]]
+    assert len(json.loads(out)) == 3 and "warning" not in err
+
+
+GEN = ["generate", "--target", "{target}", "--draft", "{draft}", "--max-new-tokens", "4"]
+BENCH = ["bench", "--target", "{target}", "--draft", "{draft}", "--out", "{tmp}/out", "--max-new-tokens", "4"]
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--target", "no-such-model"], "unknown model"),
-    (["--target", "/nonexistent/dir"], "unknown model"),
-    (["--prompt", "   "], "prompt is empty"),
-    (["--prompt", "ab " * 1000], "exceeds the model's context"),
-    (["--policy", "nonsense"], "unknown policy"),
-    (["--policy", "chain:gamma=x=1"], "bad parameters"),
-    (["--policy", "cast:mode=fast"], "mode must be"),
-    (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read --prompt-file"),
-    (["--temperature", "-1"], "temperature must be"),
-    (["--top-p", "0"], "top_p must be"),
-    (["--batch-size", "2"], "--batch-size needs --prompt-file"),
+    # models and prompts
+    (GEN + ["--target", "no-such-model"], "unknown model"),
+    (GEN + ["--target", "/nonexistent/dir"], "unknown model"),
+    (GEN + ["--draft", "{other}", "--policy", "chain"], "tokenizer"),
+    (GEN + ["--prompt", "   "], "prompt is empty"),
+    (GEN + ["--prompt", "ab " * 1000], "exceeds the model's context"),
+    (GEN + ["--prompt-file", "/nonexistent/prompt.txt"], "cannot read --prompt-file: No such file"),
+    (GEN + ["--prompt-file", "{tmp}"], "cannot read --prompt-file: Is a directory"),
+    (GEN + ["--prompt-file", "{tmp}/empty.txt"], "is empty"),
+    (GEN + ["--prompt-file", "{tmp}/blank.txt"], "is empty"),
+    (GEN + ["--prompt-file", "{tmp}/binary.txt"], "not UTF-8 text"),
+    # policies
+    (GEN + ["--policy", "nonsense"], "unknown policy 'nonsense': choose one of ar, cast, chain"),
+    (GEN + ["--policy", "cast:C1=abc"], "C1 must be a number, got 'abc'"),
+    (GEN + ["--policy", "chain:gamma=2.5"], "gamma must be a whole number"),
+    (GEN + ["--policy", "chain:gamma=x=1"], "bad parameters for policy 'chain'"),
+    (GEN + ["--policy", "chain:depth=3"], "no parameter 'depth' (its parameters are gamma)"),
+    (GEN + ["--policy", "eagle2:topk=3"], "its parameters are total_tokens, depth, top_k"),
+    (GEN + ["--policy", "ar:gamma=3"], "takes no parameters"),
+    (GEN + ["--policy", "cast:mode=fast"], "mode must be"),
+    (GEN + ["--policy", "eagle2:top_k=500,depth=2"], "top_k=500 is larger than the vocabulary (97 tokens)"),
+    (GEN + ["--policy", "static:paths=0;120"], "child rank 120 of a node but the vocabulary has only 97"),
+    # sampling
+    (GEN + ["--temperature", "-1"], "temperature must be"),
+    (GEN + ["--temperature", "nan"], "temperature must be"),
+    (GEN + ["--top-p", "0"], "top_p must be in (0, 1]"),
+    (GEN + ["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (GEN + ["--top-k", "-1"], "top_k must be a whole number >= 0"),
+    # sizes
+    (GEN + ["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (GEN + ["--batch-size", "2"], "--batch-size needs --prompt-file"),
+    (GEN + ["--batch-size", "2", "--prompt-file", "{tmp}/two.txt", "--compare"], "--compare measures one prompt"),
+    (GEN + ["--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1"),
+    (GEN + ["--max-new-tokens", "ten"], "argument --max-new-tokens: expected a whole number"),
+    (["generate", "--bogus"], "unrecognized arguments: --bogus"),
+    (["profile", "--batch-sizes", "0,2"], "--batch-sizes needs positive whole numbers"),
+    # bench: the same flags, the same errors
+    (BENCH + ["--batch-size", "0"], "--batch-size needs positive whole numbers"),
+    (BENCH + ["--temperature", "-0.5"], "temperature must be"),
+    (BENCH + ["--top-p", "2"], "top_p must be in (0, 1]"),
+    (BENCH + ["--top-k", "-3"], "top_k must be a whole number >= 0"),
+    (BENCH + ["--num-prompts", "0"], "argument --num-prompts: must be at least 1"),
+    (BENCH + ["--methods", "ar,cast:C1=abc"], "C1 must be a number"),
+    (BENCH + ["--methods", "ar,chain:depth=3"], "its parameters are gamma"),
+    (BENCH + ["--methods", "ar,eagle3"], "unknown policy 'eagle3'"),
+    (BENCH + ["--methods", "ar,eagle2:top_k=500/depth=2"], "top_k=500 is larger than the vocabulary"),
+    (BENCH + ["--dataset", "squad"], "unknown dataset"),
 ])
-def test_bad_input_is_a_clear_error(pair, capsys, argv, message):
-    target, draft, _ = pair
-    base = ["generate", "--target", target, "--draft", draft, "--max-new-tokens", "4", "--policy", "chain"]
-    if "--prompt-file" not in argv:
-        base += ["--prompt", "hello"]
-    code, _, err = run(capsys, *base, *argv)
-    assert code == 2
-    assert message in err
-    assert "Traceback" not in err
-
-
-def test_mismatched_vocabulary_is_refused(pair, capsys):
-    target, _, other = pair
-    code, _, err = run(capsys, "generate", "--target", target, "--draft", other, "--prompt", "hi", "--policy", "chain")
-    assert code == 2
-    assert "tokenizer" in err or "vocabulary" in err
-
-
-@pytest.mark.parametrize("value", ["0", "-3", "ten"])
-def test_max_new_tokens_must_be_positive(pair, capsys, value):
-    target, draft, _ = pair
-    with pytest.raises(SystemExit) as exc:
-        main(["generate", "--target", target, "--draft", draft, "--prompt", "hi", "--max-new-tokens", value])
-    assert exc.value.code == 2
-    assert "--max-new-tokens" in capsys.readouterr().err
+def test_bad_input_is_one_clear_error_line(pair, capsys, tmp_path, argv, message):
+    """Every bad input: exit code 2, one stderr line `castspec: error: ...` saying what is wrong, no traceback."""
+    target, draft, other = pair
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text(" \n\t\n  \n")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00hello\x80")
+    (tmp_path / "two.txt").write_text("hello\nworld\n")
+    argv = [a.format(target=target, draft=draft, other=other, tmp=tmp_path) for a in argv]
+    if argv[0] == "generate" and "--prompt" not in argv and "--prompt-file" not in argv:
+        argv += ["--prompt", "hello"]
+    if argv[0] == "generate" and "--policy" not in argv:
+        argv += ["--policy", "chain"]
+    code, out, err = run(capsys, *argv)
+    errors = [line for line in err.splitlines() if line.startswith("castspec: error: ")]
+    assert code == 2, err
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err  # (after model-loading progress, if any)
+    assert message in errors[0]
+    assert "Traceback" not in err and "usage:" not in err and out == ""
 
 
 def test_sampling_with_seed_repeats(pair, capsys):
@@ -159,6 +224,7 @@ def test_bench_tasks_batches_and_resume(pair, capsys, tmp_path):
     chain = single["summary"]["chain:gamma=2"]  # the decode phase on its own, prefill left out
     assert chain["decode_speedup_vs_ar"] > 0 and 0 <= chain["outside_decode_share"] < 1
     assert chain["decode_tokens_per_s"] > chain["tokens_per_s"]
+    assert 0 < chain["prefill_s"] <= chain["wall_s"] - chain["draft_s"] - chain["verify_s"] + 0.005  # (rounding)
     for name in ("results.md", "speedup.png", "speedup_by_task.png", "batch_sizes.png", "accept_hist.png"):
         assert (out / name).stat().st_size > 100, name
     assert "B=2" in (out / "results.md").read_text()
@@ -194,13 +260,16 @@ def test_bench_tasks_batches_and_resume(pair, capsys, tmp_path):
     assert code == 2 and "no records.jsonl" in err
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--batch-size", "0"], "--batch-size"),
-    (["--dataset", "squad"], "unknown dataset"),
-    (["--methods", "ar,eagle3"], "eagle3"),
-])
-def test_bench_bad_arguments(pair, capsys, tmp_path, extra, message):
+def test_bench_records_the_whole_batch_not_sequence_0(pair):
+    """At B = 2, row 0 ("m") ends at its first token (EOS) while row 1 runs on: the record must hold the batch's
+    steps and times, not row 0's (which took part in no step at all)."""
+    from castspec.bench.runner import BenchConfig, MethodRunner
+
     target, draft, _ = pair
-    code, _, err = run(capsys, "bench", "--target", target, "--draft", draft, "--out", str(tmp_path), *extra)
-    assert code == 2
-    assert message in err
+    runner = MethodRunner(BenchConfig(target=target, draft=draft, methods=["chain:gamma=2"]))
+    short, long = (runner.tokenizer(text)["input_ids"] for text in ("m", "hello world"))
+    rec = runner.run("chain:gamma=2", [short, long], 8)
+    assert [len(tokens) for tokens in rec["token_ids"]] == [1, 8]
+    assert rec["steps"] >= 4  # the longest row's steps (8 tokens, at most 3 per chain step)
+    assert rec["prefill_s"] > 0 and rec["draft_s"] > 0 and rec["verify_s"] > 0
+    assert rec["prefill_s"] + rec["draft_s"] + rec["verify_s"] <= rec["wall_s"]  # the call's wall, not row 0's

@@ -144,7 +144,7 @@ class MethodRunner:
         table = None
         if any(getattr(p, "needs_costs", False) for p in policies.values()):
             table = load_or_profile({"target": self.target_model, "draft": self.draft_model},
-                                    path=config.cost_table)
+                                    path=config.cost_table, max_batch_size=max(config.batch_sizes))
         self.generators = {m: SpeculativeGenerator(self.target_model, self.tokenizer, self.draft_model, p,
                                                    costs=OnlineCosts(table) if table else None)
                            for m, p in policies.items()}
@@ -193,11 +193,10 @@ class MethodRunner:
                                                          temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
                                                          seed=c.seed)
         stats = [r.stats for r in results]
-        return {"token_ids": [r.token_ids for r in results], "wall_s": stats[0].wall_s,
-                "new_tokens": sum(len(r.token_ids) for r in results), "steps": max(s.steps for s in stats),
+        return {"token_ids": [r.token_ids for r in results], "new_tokens": sum(len(r.token_ids) for r in results),
+                **batch_totals(results),
                 "accepted": [a for s in stats for a in s.accepted], "depths": [d for s in stats for d in s.depths],
-                "verified": [v for s in stats for v in s.verified], "draft_s": stats[0].draft_s,
-                "verify_s": stats[0].verify_s}
+                "verified": [v for s in stats for v in s.verified]}
 
     @torch.inference_mode()
     def _run_hf(self, method: str, ids: list[list[int]], max_new_tokens: int) -> dict[str, Any]:
@@ -247,6 +246,20 @@ class MethodRunner:
             logits = self.target_model(prefix, logits_to_keep=1).logits[0, -1].float()
         gap = float(logits[reference[index]] - logits[other[index]])
         return {"index": index, "ar_token": reference[index], "other_token": other[index], "logit_gap": round(gap, 5)}
+
+
+def batch_totals(results: list[Any]) -> dict[str, Any]:
+    """Steps, prefill, draft, verify and wall time of one `generate_batch` call as a whole.
+
+    Why not sequence 0's stats: a row stops counting when it finishes, so its share understates every B > 1 batch
+    whose other rows run longer.
+    """
+    keys = ("steps", "prefill_s", "draft_s", "verify_s", "wall_s")
+    batch = getattr(results[0], "batch_stats", None)
+    if batch is not None:
+        return {key: getattr(batch, key) for key in keys}
+    # Engines without `batch_stats`: the longest row took part in every step, so its totals are the batch's.
+    return {key: max(getattr(r.stats, key) for r in results) for key in keys}
 
 
 def run_bench(config: BenchConfig, prompts: list[Prompt], out_dir: Path | None = None, resume: bool = False,
@@ -431,6 +444,8 @@ def summarize(records: list[dict[str, Any]], methods: list[str]) -> dict[str, An
             entry["accept_len_histogram"] = {str(n): accepted.count(n) for n in sorted(set(accepted))}
             entry["draft_s"] = round(sum(rec["draft_s"] for rec in ok), 3)
             entry["verify_s"] = round(sum(rec["verify_s"] for rec in ok), 3)
+            if all("prefill_s" in rec for rec in ok):  # records from before prefill was recorded lack it
+                entry["prefill_s"] = round(sum(rec["prefill_s"] for rec in ok), 3)
             # Prefill (and per-turn setup) is work speculation cannot shorten; on long prompts it caps the
             # end-to-end speedup, so the decode phase is reported on its own as well.
             decode_s = entry["draft_s"] + entry["verify_s"]

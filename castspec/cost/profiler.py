@@ -37,9 +37,18 @@ class Grid:
 DEFAULT_GRID = Grid(batch_sizes=[1, 2, 4, 8], contexts=[256, 1024], tokens=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64])
 
 
-def quick_grid(batch_size: int) -> Grid:
-    """What first use profiles automatically: one batch size, one context, fewer repeats (about a minute)."""
-    return Grid(batch_sizes=[batch_size], contexts=[512], tokens=[1, 2, 4, 8, 16, 32, 64], repeats=2)
+def quick_grid(max_batch_size: int = 1) -> Grid:
+    """What first use profiles automatically: one context, fewer repeats, and batch sizes 1, 2, 4, ... up to
+    `max_batch_size` (a batch shrinks as its sequences finish, so every smaller size is looked up too)."""
+    return Grid(batch_sizes=batch_size_grid(max_batch_size), contexts=[512], tokens=[1, 2, 4, 8, 16, 32, 64],
+                repeats=2)
+
+
+def batch_size_grid(max_batch_size: int) -> list[int]:
+    """1, the powers of two below `max_batch_size`, and `max_batch_size` itself (lookups interpolate between)."""
+    if max_batch_size < 1:
+        raise CastspecError(f"batch size must be at least 1, got {max_batch_size}")
+    return sorted({1, max_batch_size} | {2**i for i in range(max_batch_size.bit_length()) if 2**i < max_batch_size})
 
 
 def cpu_description() -> str:
@@ -169,13 +178,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def load_or_profile(models: dict[str, Any], path: str | Path | None = None, batch_size: int = 1,
+def load_or_profile(models: dict[str, Any], path: str | Path | None = None, max_batch_size: int = 1,
                     home: Path | None = None) -> CostTable:
-    """The cost table for these loaded models on this device.
+    """The cost table for these loaded models on this device, covering batches of 1 .. `max_batch_size`.
 
     An explicit `path` must exist and match. Otherwise the table cached under `$CASTSPEC_HOME/costs/` for exactly
     this device, thread count, models, dtypes and kernels is used; if there is none yet, a quick profile runs
-    (about a minute, with a notice) and is cached. `castspec profile` measures the full grid.
+    (about a minute per batch size, with a notice) and is cached. A cached quick table that lacks the batch sizes
+    is measured again with them; a table from `castspec profile` or `path` is never overwritten: if it lacks them,
+    one warning line says that lookups are clamped to its largest batch size and how to measure the rest.
     """
     from castspec.models.packaged import castspec_home
 
@@ -183,15 +194,42 @@ def load_or_profile(models: dict[str, Any], path: str | Path | None = None, batc
     if path is not None:
         table = CostTable.load(Path(path))
         table.check_matches(expected)
+        warn_if_uncovered(table, max_batch_size, Path(path))
         return table
     cached = table_path(expected, home or castspec_home())
+    grid = quick_grid(max_batch_size)
     if cached.is_file():
         table = CostTable.load(cached)
         table.check_matches(expected)
-        if batch_size <= max(table.batch_sizes):
+        if covers(table, max_batch_size) or not table.extra.get("quick"):
+            warn_if_uncovered(table, max_batch_size, cached)
             return table
-    print(f"castspec: no cost table for this device and model pair yet; measuring a quick one (saved to "
+        grid.batch_sizes = sorted(set(grid.batch_sizes) | set(table.batch_sizes))
+        reason = f"the cached quick cost table lacks batch sizes up to {max_batch_size}"
+    else:
+        reason = "no cost table for this device and model pair yet"
+    print(f"castspec: {reason}; measuring a quick one for batch sizes {_sizes(grid.batch_sizes)} (saved to "
           f"{cached}; `castspec profile` measures the full grid)", file=sys.stderr)
-    table = profile(models, quick_grid(batch_size))
+    table = profile(models, grid)
+    table.extra["quick"] = True
     table.save(cached)
     return table
+
+
+def covers(table: CostTable, max_batch_size: int) -> bool:
+    """Whether lookups for every batch of 1 .. `max_batch_size` sequences fall inside the table's grid."""
+    return table.batch_sizes[0] <= 1 and max_batch_size <= table.batch_sizes[-1]
+
+
+def warn_if_uncovered(table: CostTable, max_batch_size: int, where: Path) -> None:
+    """One loud line when cost lookups will be clamped: cast would then size trees for the wrong batch size."""
+    if covers(table, max_batch_size):
+        return
+    wanted = sorted(set(batch_size_grid(max_batch_size)) | set(table.batch_sizes))
+    print(f"castspec: warning: the cost table {where} covers batch sizes {_sizes(table.batch_sizes)} only; lookups "
+          f"for batch sizes 1 to {max_batch_size} are clamped to that range (measure them with `castspec profile "
+          f"--batch-sizes {','.join(map(str, wanted))}`)", file=sys.stderr)
+
+
+def _sizes(values: list[int]) -> str:
+    return ", ".join(map(str, values))

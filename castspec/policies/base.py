@@ -7,6 +7,8 @@ knows which policy it runs. Adding a policy means adding one module in this pack
 
 from __future__ import annotations
 
+import inspect
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,27 +132,90 @@ def policy_names() -> list[str]:
 
 
 def make_policy(spec: str) -> TreePolicy:
-    """Build a policy from `name` or `name:key=value,key=value` (for example `eagle2:total_tokens=16,depth=5`)."""
-    name, _, args = spec.partition(":")
+    """Build a policy from `name` or `name:key=value,key=value` (for example `eagle2:total_tokens=16,depth=5`).
+
+    Values are checked against the constructor's defaults (a whole number, a number or text), so a typo is a
+    one-line `CastspecError` naming the parameter, never a ValueError from deep inside the policy.
+    """
+    name, _, args = str(spec).partition(":")
+    name = name.strip()
     if name not in _REGISTRY:
         raise CastspecError(f"unknown policy '{name}': choose one of {', '.join(policy_names())}")
     cls = _REGISTRY[name]
+    params = policy_parameters(cls)
     kwargs: dict[str, Any] = {}
-    for item in filter(None, args.split(",")):
+    for item in filter(None, (a.strip() for a in args.split(","))):
         key, eq, value = item.partition("=")
+        key = key.strip()
         if not eq:
-            raise CastspecError(f"policy parameter '{item}' is not of the form key=value")
-        kwargs[key.strip()] = _parse_value(value.strip())
+            raise CastspecError(f"bad parameters for policy '{name}': '{item}' is not of the form key=value")
+        if key not in params:
+            known = f"its parameters are {', '.join(params)}" if params else "it takes no parameters"
+            raise CastspecError(f"bad parameters for policy '{name}': no parameter '{key}' ({known})")
+        if key in kwargs:
+            raise CastspecError(f"bad parameters for policy '{name}': '{key}' is given twice")
+        kwargs[key] = _parse_value(value.strip(), params[key], f"bad parameters for policy '{name}': {key}")
     try:
         return cls(**kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise CastspecError(f"bad parameters for policy '{name}': {err}") from None
 
 
-def _parse_value(text: str) -> Any:
-    for convert in (int, float):
+def policy_parameters(cls: type[TreePolicy]) -> dict[str, Any]:
+    """A policy's settable parameters and their defaults (`inspect.Parameter.empty` when there is none)."""
+    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    signature = inspect.signature(cls.__init__)
+    return {p.name: p.default for p in list(signature.parameters.values())[1:] if p.kind in plain}
+
+
+def _parse_value(text: str, default: Any, what: str) -> Any:
+    """`text` as the type of the parameter's default: bool, whole number, finite number or text."""
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return text.lower() in ("1", "true", "yes", "on")
+        raise CastspecError(f"{what} must be 0 or 1, got '{text}'")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise CastspecError(f"{what} must be a whole number, got '{text}'") from None
+    if isinstance(default, float):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise CastspecError(f"{what} must be a number, got '{text}'")
+        return value
+    if isinstance(default, str):
+        return text
+    for convert in (int, float):  # no default to go by: the narrowest type that reads the text
         try:
             return convert(text)
         except ValueError:
             pass
     return text
+
+
+def check_children_fit(policy: TreePolicy, vocab_size: int) -> None:
+    """Refuse a policy that would ask the drafter for more children of one node than the vocabulary has.
+
+    Why here: `topk` over the draft's logits would otherwise fail mid-generation with a bare RuntimeError.
+    """
+    widest = widest_level(policy)
+    if widest <= vocab_size:
+        return
+    if getattr(policy, "top_k", None) == widest:
+        raise CastspecError(f"policy '{policy.name}': top_k={widest} is larger than the vocabulary "
+                            f"({vocab_size} tokens); use top_k <= {vocab_size}")
+    raise CastspecError(f"policy '{policy.name}' asks for child rank {widest - 1} of a node but the vocabulary has "
+                        f"only {vocab_size} tokens; use ranks below {vocab_size}")
+
+
+def widest_level(policy: TreePolicy, probe_levels: int = 256) -> int:
+    """The most children per node the policy may ask for, over the levels it can reach (at most `probe_levels`)."""
+    try:
+        depth = policy.max_depth()
+    except AttributeError:  # a depth decided per step (cast, before its first step): probe every level
+        depth = probe_levels
+    return max((policy.children_per_node(level) for level in range(1, min(depth, probe_levels) + 1)), default=0)

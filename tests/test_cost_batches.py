@@ -1,0 +1,76 @@
+"""Cost tables must cover the batch sizes generation will use, or say loudly that lookups are clamped."""
+
+from __future__ import annotations
+
+import pytest
+
+from castspec.cost import profiler
+from castspec.cost.profiler import Grid, expected_meta, load_or_profile, table_path
+from castspec.cost.table import CostTable
+from tests.conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {"target": tiny_model("qwen2", seed=0).float(), "draft": tiny_model("qwen2", seed=1, layers=1).float()}
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Replace the profiler (slow) by a flat table on the requested grid; returns the grids it was asked for."""
+    grids: list[Grid] = []
+
+    def fake_profile(models, grid, progress=True):
+        grids.append(grid)
+        return flat_table(models, grid.batch_sizes)
+
+    monkeypatch.setattr(profiler, "profile", fake_profile)
+    return grids
+
+
+def flat_table(models, batch_sizes: list[int], **extra) -> CostTable:
+    ms = {role: [[[1.0, 2.0]] for _ in batch_sizes] for role in models}
+    return CostTable(meta=expected_meta(models), batch_sizes=list(batch_sizes), contexts=[512], tokens=[1, 2],
+                     ms=ms, extra=dict(extra))
+
+
+def warnings_in(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("castspec: warning:")]
+
+
+def test_fresh_machine_profiles_batch_sizes_up_to_the_largest(models, measured, tmp_path, capsys):
+    table = load_or_profile(models, max_batch_size=6, home=tmp_path)
+    assert [g.batch_sizes for g in measured] == [[1, 2, 4, 6]]
+    assert table.batch_sizes == [1, 2, 4, 6] and table.extra["quick"] is True
+    assert "measuring a quick one for batch sizes 1, 2, 4, 6" in capsys.readouterr().err
+
+
+def test_explicit_table_that_lacks_the_batch_size_warns_once(models, measured, tmp_path, capsys):
+    path = tmp_path / "costs.json"
+    flat_table(models, [1]).save(path)
+    table = load_or_profile(models, path=path, max_batch_size=4)
+    (line,) = warnings_in(capsys.readouterr().err)
+    assert table.batch_sizes == [1] and measured == []  # used as it is, never re-measured
+    assert "clamped" in line and "`castspec profile --batch-sizes 1,2,4`" in line and str(path) in line
+    load_or_profile(models, path=path, max_batch_size=1)
+    assert capsys.readouterr().err == ""  # batch 1 is covered: silent
+
+
+def test_cached_full_table_is_never_overwritten_only_warned_about(models, measured, tmp_path, capsys):
+    cached = table_path(expected_meta(models), tmp_path)
+    flat_table(models, [1, 2]).save(cached)  # as `castspec profile --batch-sizes 1,2` writes it
+    before = cached.read_text()
+    table = load_or_profile(models, max_batch_size=8, home=tmp_path)
+    assert table.batch_sizes == [1, 2] and measured == [] and cached.read_text() == before
+    assert len(warnings_in(capsys.readouterr().err)) == 1
+
+
+def test_cached_quick_table_is_measured_again_with_the_missing_sizes(models, measured, tmp_path, capsys):
+    cached = table_path(expected_meta(models), tmp_path)
+    flat_table(models, [1], quick=True).save(cached)
+    table = load_or_profile(models, max_batch_size=3, home=tmp_path)
+    assert [g.batch_sizes for g in measured] == [[1, 2, 3]]
+    assert CostTable.load(cached).batch_sizes == table.batch_sizes == [1, 2, 3]
+    assert warnings_in(capsys.readouterr().err) == []
+    load_or_profile(models, max_batch_size=2, home=tmp_path)  # now covered: read from the cache
+    assert len(measured) == 1
