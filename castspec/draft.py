@@ -19,10 +19,11 @@ class DraftLM:
     def __init__(self, runner: CausalLMRunner):
         self.runner = runner
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_token: torch.Tensor) -> None:
-        self.runner.prefill(input_ids, attention_mask)
+    def prefill(self, prompts: list[list[int]], first_token: torch.Tensor) -> None:
+        self.runner.prefill(prompts)
         self.pending = first_token[:, None]
         self.pending_valid = torch.ones_like(self.pending, dtype=torch.bool)
+        self.started = False
 
     def start(self) -> torch.Tensor:
         """Feed the pending tokens; returns the log-probabilities of the root's children [B, 1, V]."""
@@ -36,6 +37,7 @@ class DraftLM:
         logits = runner.forward(self.pending, positions.clamp(min=0), block_mask, token_valid=valid)
         self.root_pos = runner.next_pos + valid.sum(dim=1) - 1
         self.fed_nodes = torch.zeros(valid.shape[0], 0, dtype=torch.long, device=valid.device)
+        self.started = True
         return torch.log_softmax(logits[:, -1:].float(), dim=-1)
 
     def expand(self, tree: DraftTree, frontier: torch.Tensor) -> torch.Tensor:
@@ -56,11 +58,25 @@ class DraftLM:
         self.fed_nodes = torch.cat([self.fed_nodes, frontier], dim=1)
         return torch.log_softmax(logits.float(), dim=-1)
 
+    def finish_step(self, tree: DraftTree, nodes: torch.Tensor, outcome: Outcome) -> None:
+        """After verification: the cache keeps exactly what was fed and accepted, the rest waits as pending.
+
+        Holds for every policy output: a step that never started drafting (plain decoding) only queues the accepted
+        tokens; one that started (the pending tokens were fed) commits them even if the tree stayed empty.
+        """
+        if self.started:
+            self.commit(tree, nodes, outcome)
+        else:
+            count = outcome.new_tokens.shape[1]
+            valid = torch.arange(count, device=outcome.bonus.device)[None, :] <= outcome.n_accepted[:, None]
+            self.skip(outcome.new_tokens, valid)
+
     def commit(self, tree: DraftTree, nodes: torch.Tensor, outcome: Outcome) -> None:
         """Keep the pending tokens and the accepted nodes already fed; queue the rest plus the bonus token.
 
         `nodes` [B, M] maps verify positions to draft-tree node indices.
         """
+        self.started = False
         batch = outcome.bonus.shape[0]
         depth_count = outcome.path.shape[1]
         on_path = outcome.path >= 0
@@ -92,6 +108,7 @@ class DraftLM:
         width = max(int(valid.sum(dim=1).max()), 1)
         self.pending, self.pending_valid = tokens[:, -width:], valid[:, -width:]
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
+    def keep_rows(self, rows: list[int]) -> None:
         self.runner.keep_rows(rows)
-        self.set_pending(self.pending.index_select(0, rows), self.pending_valid.index_select(0, rows))
+        index = torch.tensor(rows, dtype=torch.long, device=self.pending.device)
+        self.set_pending(self.pending.index_select(0, index), self.pending_valid.index_select(0, index))

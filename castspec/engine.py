@@ -11,6 +11,7 @@ only the policy differs. A step is:
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,14 +24,18 @@ from castspec.draft import DraftLM
 from castspec.errors import CastspecError
 from castspec.models.runner import CausalLMRunner
 from castspec.policies import StepContext, StepRecord, TreePolicy, make_policy
+from castspec.policies.base import check_children_fit
 from castspec.tree import DraftTree
 from castspec.verify import SamplingConfig, TokenChooser, verify
 
 
 @dataclass
 class GenerationStats:
-    steps: int = 0  # target forwards after the prefill
-    accepted: list[int] = field(default_factory=list)  # accepted draft tokens per step (sequence 0)
+    """One sequence's record. Timings of the steps it took part in are the whole batch's (a step serves every row
+    at once); `wall_s` is this sequence's own latency, from the call's start to its last token."""
+
+    steps: int = 0  # target forwards after the prefill while this sequence was in the batch
+    accepted: list[int] = field(default_factory=list)  # accepted draft tokens per step
     tree_sizes: list[int] = field(default_factory=list)
     verified: list[int] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)  # depth of the verified tree per step
@@ -48,6 +53,7 @@ class GenerationStats:
 
     @property
     def tokens_per_s(self) -> float:
+        """This sequence's tokens over its own latency (for a batch's throughput see `BatchStats`)."""
         return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
     def as_dict(self, per_step: bool = True) -> dict[str, Any]:
@@ -70,11 +76,51 @@ class GenerationStats:
 
 
 @dataclass
+class BatchStats:
+    """One `generate_batch` call as a whole: every step counted once, until the last sequence finished."""
+
+    rows: int = 0
+    steps: int = 0
+    new_tokens: int = 0  # all sequences' tokens
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Throughput: all sequences' tokens over the call's wall time."""
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "steps": self.steps, "new_tokens": self.new_tokens,
+                "tokens_per_s": round(self.tokens_per_s, 3), "wall_s": round(self.wall_s, 4),
+                "prefill_s": round(self.prefill_s, 4), "draft_s": round(self.draft_s, 4),
+                "verify_s": round(self.verify_s, 4)}
+
+
+@dataclass
 class GenerationResult:
     token_ids: list[int]  # new tokens only
     text: str
     stats: GenerationStats
     prompt_tokens: int
+    batch_stats: BatchStats  # the same object for every sequence of one call
+
+
+@dataclass
+class BatchState:
+    """The live batch between steps: which caller rows it holds (in cache order) and what each still needs."""
+
+    rows: list[int]  # the caller's index of each live sequence
+    root: torch.Tensor  # [B] each sequence's last token, not yet in the target's cache
+    produced: list[int]  # tokens emitted so far, by caller index
+    budget: int
+    choose: TokenChooser
+    stats: list[GenerationStats]  # by caller index
+    batch_stats: BatchStats
+    drafter: DraftLM | None  # None when the policy decodes plainly: the draft model is never touched
+    start_time: float = 0.0
 
 
 class SpeculativeGenerator:
@@ -96,6 +142,8 @@ class SpeculativeGenerator:
         self.drafter = DraftLM(CausalLMRunner(draft)) if draft is not None and self.policy.uses_draft else None
         if self.drafter is not None:
             check_same_vocabulary(target, draft)
+        self.vocab_size = target.get_input_embeddings().weight.shape[0]  # valid token ids: 0 .. vocab_size - 1
+        check_children_fit(self.policy, self.vocab_size)
         self.eos_ids = _eos_ids(target, tokenizer)
 
     # --- public API ----------------------------------------------------------------------------------------
@@ -122,19 +170,18 @@ class SpeculativeGenerator:
         ids = [self.encode(p, chat) for p in prompts]
         for row in ids:
             self._check_lengths(len(row), max_new_tokens)
-        stats = [GenerationStats() for _ in ids]
         outs: list[list[int]] = [[] for _ in ids]
-        start = time.perf_counter()
-        for row, tokens in self._decode(ids, max_new_tokens, stats, chooser):
+        state = self._start(ids, max_new_tokens, chooser)
+        for row, tokens in self._decode(state, ids):
             outs[row].extend(tokens)
             if on_tokens is not None:
                 on_tokens(row, tokens)
-        wall = time.perf_counter() - start
         results = []
         for row, out in enumerate(outs):
-            stats[row].wall_s, stats[row].new_tokens = wall, len(out)
+            state.stats[row].new_tokens = len(out)
             text = self.tokenizer.decode(out, skip_special_tokens=True)
-            results.append(GenerationResult(token_ids=out, text=text, stats=stats[row], prompt_tokens=len(ids[row])))
+            results.append(GenerationResult(token_ids=out, text=text, stats=state.stats[row],
+                                            prompt_tokens=len(ids[row]), batch_stats=state.batch_stats))
         return results
 
     def stream(self, prompt: str | list[int] | torch.Tensor, max_new_tokens: int = 128, chat: bool = False,
@@ -146,7 +193,8 @@ class SpeculativeGenerator:
         chooser = TokenChooser(SamplingConfig(temperature, top_k, top_p, seed), self.target.device)
         out: list[int] = []
         shown = ""
-        for _, tokens in self._decode([ids], max_new_tokens, [GenerationStats()], chooser):
+        state = self._start([ids], max_new_tokens, chooser)
+        for _, tokens in self._decode(state, [ids]):
             out.extend(tokens)
             text = self.tokenizer.decode(out, skip_special_tokens=True)
             if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
@@ -174,101 +222,136 @@ class SpeculativeGenerator:
             ids = list(prompt)
         if not ids:
             raise CastspecError("the prompt is empty")
-        return [int(i) for i in ids]
+        try:
+            ids = [operator.index(i) for i in ids]
+        except TypeError:
+            raise CastspecError("prompt token ids must be whole numbers") from None
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:  # the embedding lookup would fail (or, on some devices, read garbage)
+            raise CastspecError(f"prompt token id {bad} is outside the vocabulary (0 .. {self.vocab_size - 1})")
+        return ids
 
-    # --- the loop ------------------------------------------------------------------------------------------
-    def _decode(self, prompts: list[list[int]], max_new_tokens: int, stats: list[GenerationStats],
-                choose: TokenChooser) -> Iterator[tuple[int, list[int]]]:
-        """Yield (row, accepted tokens) as steps complete; rows are indices into `prompts`."""
-        device = self.target.device
-        longest = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], dtype=torch.long, device=device)
-        attention_mask = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts],
-                                      device=device)
-        t0 = time.perf_counter()
-        root = choose(self.target.prefill(input_ids, attention_mask))
-        if self.drafter is not None:
-            self.drafter.prefill(input_ids, attention_mask, root)
-        stats[0].prefill_s = time.perf_counter() - t0
-        rows = list(range(len(prompts)))  # original index of each sequence still in the batch
-        produced = [0] * len(prompts)
-        finished = self._emit(rows, [[t] for t in root.tolist()], produced, max_new_tokens)
-        yield from ((row, [t]) for row, t in zip(rows, root.tolist(), strict=True))
+    # --- the loop: start a batch, step it, retire finished rows ---------------------------------------------
+    def _start(self, prompts: list[list[int]], max_new_tokens: int, choose: TokenChooser) -> BatchState:
+        """A new batch: nothing is prefilled yet (that is the first thing `_decode` does, and it is timed)."""
+        drafter = None
+        if self.policy.uses_draft:
+            if self.drafter is None:
+                raise CastspecError(f"policy '{self.policy.name}' needs a draft model, and this generator has none")
+            drafter = self.drafter
+        rows = list(range(len(prompts)))
+        return BatchState(rows=rows, root=torch.zeros(0, dtype=torch.long), produced=[0] * len(prompts),
+                          budget=max_new_tokens, choose=choose, stats=[GenerationStats() for _ in prompts],
+                          batch_stats=BatchStats(rows=len(prompts)), drafter=drafter)
+
+    def _decode(self, state: BatchState, prompts: list[list[int]]) -> Iterator[tuple[int, list[int]]]:
+        """Yield (caller row, accepted tokens) as steps complete, until every sequence has finished."""
+        state.start_time = time.perf_counter()
+        first = self._prefill(state, prompts)
+        finished = self._emit(state, first)
+        yield from ((row, tokens) for row, tokens in zip(state.rows, first, strict=True))
         while True:
-            if finished:
-                keep = [i for i, row in enumerate(rows) if row not in finished]
-                if not keep:
-                    return
-                root = self._drop_rows(root, keep)
-                rows = [rows[i] for i in keep]
-            batch = len(rows)
-            ctx = StepContext(batch_size=batch, context_len=int(self.target.next_pos.max()),
-                              remaining=max(max_new_tokens - produced[row] for row in rows))
-            self.policy.begin_step(ctx)
-            t0 = time.perf_counter()
-            tree = self._draft(root, ctx)
-            t1 = time.perf_counter()
-            nodes = self.policy.select(tree) if tree.size else tree.tokens
-            vtree = tree.select(nodes)
-            tokens, positions, block_mask = vtree.block_inputs(self.target.next_pos)
-            self.target.begin_block()
-            logits = self.target.forward(tokens, positions, block_mask)
-            outcome = verify(vtree, choose(logits))
-            root_slot = torch.zeros_like(outcome.bonus)[:, None]
-            self.target.commit(torch.cat([root_slot, outcome.path + 1], dim=1), outcome.n_accepted + 1)
-            if self.drafter is not None:
-                if tree.size:
-                    self.drafter.commit(tree, vtree.nodes, outcome)
-                else:
-                    self.drafter.skip(outcome.bonus[:, None], torch.ones_like(outcome.bonus[:, None], dtype=torch.bool))
-            t2 = time.perf_counter()
-            root = outcome.bonus
-            n_accepted = outcome.n_accepted.tolist()
-            verified_depth = int(vtree.depth.max()) if vtree.size else 0
-            plan = self.policy.plan()
-            record = StepRecord(tree_size=tree.size, verified=vtree.size, depth=verified_depth,
-                                accepted=outcome.n_accepted, draft_s=t1 - t0, verify_s=t2 - t1, plan=plan,
-                                **_edge_outcomes(tree, vtree, outcome))
-            self.policy.observe(record)
-            for i, row in enumerate(rows):
-                st = stats[row]
-                st.steps += 1
-                st.accepted.append(n_accepted[i])
-                st.tree_sizes.append(tree.size)
-                st.verified.append(vtree.size)
-                st.depths.append(verified_depth)
-                st.draft_s += t1 - t0
-                st.verify_s += t2 - t1
-                if plan:
-                    st.plans.append({**plan, "accepted": n_accepted[i], "draft_ms": round(1000 * (t1 - t0), 2),
-                                     "verify_ms": round(1000 * (t2 - t1), 2)})
-            new_tokens = outcome.new_tokens.tolist()
-            accepted = [new_tokens[i][: n_accepted[i] + 1] for i in range(batch)]
-            finished = self._emit(rows, accepted, produced, max_new_tokens)
-            yield from ((row, tokens) for row, tokens in zip(rows, accepted, strict=True) if tokens)
+            self._retire(state, finished)
+            if not state.rows:
+                break
+            accepted = self._step(state)
+            finished = self._emit(state, accepted)
+            yield from ((row, tokens) for row, tokens in zip(state.rows, accepted, strict=True) if tokens)
+        state.batch_stats.wall_s = time.perf_counter() - state.start_time
 
-    def _emit(self, rows: list[int], accepted: list[list[int]], produced: list[int], budget: int) -> set[int]:
+    def _prefill(self, state: BatchState, prompts: list[list[int]]) -> list[list[int]]:
+        """Run the prompts through the target (and the draft, if this batch speculates); the first token each."""
+        t0 = time.perf_counter()
+        state.root = state.choose(self.target.prefill(prompts))
+        if state.drafter is not None:
+            state.drafter.prefill(prompts, state.root)
+        elapsed = time.perf_counter() - t0
+        state.batch_stats.prefill_s = elapsed
+        for row in state.rows:
+            state.stats[row].prefill_s = elapsed
+        return [[t] for t in state.root.tolist()]
+
+    def _step(self, state: BatchState) -> list[list[int]]:
+        """One speculative step for the live batch: draft, verify in one target forward, commit the accepted path.
+
+        Returns each live row's accepted tokens (drafted ones that the target agreed with, then its own token)."""
+        ctx = StepContext(batch_size=len(state.rows), context_len=self.target.cache.max_length,
+                          remaining=max(state.budget - state.produced[row] for row in state.rows))
+        self.policy.begin_step(ctx)
+        t0 = time.perf_counter()
+        tree = self._draft(state.root, ctx)
+        t1 = time.perf_counter()
+        nodes = self.policy.select(tree) if tree.size else tree.tokens
+        vtree = tree.select(nodes)
+        outcome = self._verify(vtree, state.choose)
+        if state.drafter is not None:
+            state.drafter.finish_step(tree, vtree.nodes, outcome)
+        t2 = time.perf_counter()
+        state.root = outcome.bonus
+        n_accepted = outcome.n_accepted.tolist()
+        verified_depth = int(vtree.depth.max()) if vtree.size else 0
+        plan = self.policy.plan()
+        self.policy.observe(StepRecord(tree_size=tree.size, verified=vtree.size, depth=verified_depth,
+                                       accepted=outcome.n_accepted, draft_s=t1 - t0, verify_s=t2 - t1, plan=plan,
+                                       **_edge_outcomes(tree, vtree, outcome)))
+        batch = state.batch_stats
+        batch.steps, batch.draft_s, batch.verify_s = batch.steps + 1, batch.draft_s + t1 - t0, batch.verify_s + t2 - t1
+        for i, row in enumerate(state.rows):
+            st = state.stats[row]
+            st.steps += 1
+            st.accepted.append(n_accepted[i])
+            st.tree_sizes.append(tree.size)
+            st.verified.append(vtree.size)
+            st.depths.append(verified_depth)
+            st.draft_s += t1 - t0
+            st.verify_s += t2 - t1
+            if plan:
+                st.plans.append({**plan, "accepted": n_accepted[i], "draft_ms": round(1000 * (t1 - t0), 2),
+                                 "verify_ms": round(1000 * (t2 - t1), 2)})
+        new_tokens = outcome.new_tokens.tolist()
+        return [new_tokens[i][: n_accepted[i] + 1] for i in range(len(state.rows))]
+
+    def _verify(self, vtree, choose: TokenChooser):
+        """The target's one forward over root + verified nodes; its cache keeps exactly the accepted path."""
+        tokens, positions, block_mask = vtree.block_inputs(self.target.next_pos)
+        self.target.begin_block()
+        logits = self.target.forward(tokens, positions, block_mask)
+        outcome = verify(vtree, choose(logits))
+        root_slot = torch.zeros_like(outcome.bonus)[:, None]
+        self.target.commit(torch.cat([root_slot, outcome.path + 1], dim=1), outcome.n_accepted + 1)
+        return outcome
+
+    def _emit(self, state: BatchState, accepted: list[list[int]]) -> set[int]:
         """Cut each row's accepted tokens at its budget and at EOS (in place); return the rows that finished."""
         finished = set()
-        for row, tokens in zip(rows, accepted, strict=True):
-            del tokens[budget - produced[row]:]
+        for row, tokens in zip(state.rows, accepted, strict=True):
+            del tokens[state.budget - state.produced[row]:]
             for i, token in enumerate(tokens):
                 if token in self.eos_ids:
                     del tokens[i + 1:]
                     finished.add(row)
                     break
-            produced[row] += len(tokens)
-            if produced[row] >= budget:
+            state.produced[row] += len(tokens)
+            state.batch_stats.new_tokens += len(tokens)
+            if state.produced[row] >= state.budget:
                 finished.add(row)
+        now = time.perf_counter() - state.start_time
+        for row in finished:
+            state.stats[row].wall_s = now
         return finished
 
-    def _drop_rows(self, root: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    def _retire(self, state: BatchState, finished: set[int]) -> None:
         """Finished sequences leave the batch: they cost no more work."""
-        index = torch.tensor(keep, dtype=torch.long, device=root.device)
-        self.target.keep_rows(index)
-        if self.drafter is not None:
-            self.drafter.keep_rows(index)
-        return root[index]
+        if not finished:
+            return
+        keep = [i for i, row in enumerate(state.rows) if row not in finished]
+        state.rows = [state.rows[i] for i in keep]
+        if not keep:
+            return
+        self.target.keep_rows(keep)
+        if state.drafter is not None:
+            state.drafter.keep_rows(keep)
+        state.root = state.root[torch.tensor(keep, dtype=torch.long, device=state.root.device)]
 
     def _draft(self, root: torch.Tensor, ctx: StepContext) -> DraftTree:
         """Grow the tree level by level; one draft forward per expanded level."""

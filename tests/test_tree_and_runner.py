@@ -52,7 +52,7 @@ def test_tree_forward_matches_each_path_recomputed(arch):
     model = tiny_model(arch, seed=3)
     runner = CausalLMRunner(model)
     prefix = torch.tensor([[3, 9, 27, 81, 50, 60, 70, 11, 12, 13]])  # longer than gemma's sliding window (8)
-    runner.prefill(prefix, torch.ones_like(prefix, dtype=torch.bool))
+    runner.prefill(prefix.tolist())
     tree = build_tree()
     vtree = tree.select(torch.arange(tree.size)[None])
     tokens, positions, mask = vtree.block_inputs(runner.next_pos)
@@ -71,7 +71,7 @@ def test_commit_keeps_exactly_the_accepted_path(arch):
     model = tiny_model(arch, seed=4)
     runner = CausalLMRunner(model)
     prefix = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13]])
-    runner.prefill(prefix, torch.ones_like(prefix, dtype=torch.bool))
+    runner.prefill(prefix.tolist())
     tree = build_tree()
     vtree = tree.select(torch.arange(tree.size)[None])
     tokens, positions, mask = vtree.block_inputs(runner.next_pos)
@@ -79,7 +79,7 @@ def test_commit_keeps_exactly_the_accepted_path(arch):
     runner.forward(tokens, positions, mask)
     runner.commit(torch.tensor([[0, 1, 3, 5]]), torch.tensor([4]))  # root, a, c, e
     assert runner.next_pos.tolist() == [13]
-    assert runner.cache_len == 13 and runner.cache.get_seq_length() == 13
+    assert runner.cache.length.tolist() == [13] and runner.cache.get_seq_length() == 13
     runner.begin_block()
     nxt = runner.forward(torch.tensor([[42]]), runner.next_pos[:, None], torch.ones(1, 1, 1, dtype=torch.bool))
     with torch.no_grad():
@@ -87,14 +87,12 @@ def test_commit_keeps_exactly_the_accepted_path(arch):
     torch.testing.assert_close(nxt[0, -1], full, atol=1e-9, rtol=1e-9)
 
 
-def test_commit_different_lengths_per_row_and_left_padding():
-    """Two sequences, left-padded, each keeps a different number of tokens: both match plain recomputation."""
+def test_commit_different_lengths_per_row():
+    """Two prompts of different lengths, each row keeps a different number of tokens: both match recomputation."""
     model = tiny_model("qwen2", seed=5)
     runner = CausalLMRunner(model)
     prompts = [[4, 5, 6, 7], [8, 9]]
-    ids = torch.tensor([[4, 5, 6, 7], [0, 0, 8, 9]])
-    valid = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
-    last = runner.prefill(ids, valid)
+    last = runner.prefill(prompts)
     with torch.no_grad():
         for row, prompt in enumerate(prompts):
             torch.testing.assert_close(last[row], model(torch.tensor([prompt])).logits[0, -1], atol=1e-9, rtol=1e-9)
@@ -103,6 +101,7 @@ def test_commit_different_lengths_per_row_and_left_padding():
     positions = runner.next_pos[:, None] + torch.arange(3)
     runner.forward(chain, positions, torch.ones(3, 3, dtype=torch.bool).tril()[None].expand(2, -1, -1))
     runner.commit(torch.tensor([[0, 1, 2], [0, 0, 0]]), torch.tensor([3, 1]))
+    assert runner.cache.length.tolist() == [7, 3]
     runner.begin_block()
     out = runner.forward(torch.tensor([[50], [51]]), runner.next_pos[:, None], torch.ones(2, 1, 1, dtype=torch.bool))
     with torch.no_grad():
@@ -110,6 +109,56 @@ def test_commit_different_lengths_per_row_and_left_padding():
         b = model(torch.tensor([[8, 9, 30, 51]])).logits[0, -1]
     torch.testing.assert_close(out[0, -1], a, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(out[1, -1], b, atol=1e-9, rtol=1e-9)
+
+
+def test_cache_holds_exactly_the_accepted_tokens_after_many_steps(arch):
+    """After N tree steps with different acceptance per row, each row's cache length is prompt + accepted tokens
+    exactly, its entries are those tokens' keys/values, and logits equal a cache-free recomputation."""
+    model = tiny_model(arch, seed=6)
+    runner = CausalLMRunner(model)
+    prompts = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]]
+    runner.prefill(prompts)
+    generator = torch.Generator().manual_seed(0)
+    sequences = [list(p) for p in prompts]
+    tree = build_tree()  # root, a, b, c, d, e: accepted paths are prefixes of root-a-c-e or root-b
+    paths = [[0, 1, 3, 5], [0, 2], [0, 1, 4], [0], [0, 1, 3]]  # block slots of root and accepted nodes
+    vtree = tree.select(torch.arange(tree.size)[None])
+    for step in range(6):
+        tokens = torch.randint(20, 90, (3, tree.size + 1), generator=generator)
+        _, positions, mask = vtree.block_inputs(runner.next_pos)  # the same tree shape, each row its own tokens
+        runner.begin_block()
+        logits = runner.forward(tokens, positions, mask.expand(3, -1, -1))
+        with torch.no_grad():  # the block's root sees its row's committed tokens only
+            for row in range(3):
+                full = model(torch.tensor([sequences[row] + [int(tokens[row, 0])]])).logits[0, -1]
+                torch.testing.assert_close(logits[row, 0], full, atol=1e-9, rtol=1e-9)
+        keep = [paths[(step + row) % len(paths)] for row in range(3)]
+        width = max(len(k) for k in keep)
+        runner.commit(torch.tensor([k + [0] * (width - len(k)) for k in keep]), torch.tensor([len(k) for k in keep]))
+        for row in range(3):
+            sequences[row] += [int(tokens[row, slot]) for slot in keep[row]]
+        assert runner.cache.length.tolist() == [len(s) for s in sequences]
+    with torch.no_grad():
+        for row, seq in enumerate(sequences):  # every committed slot holds that token's keys and values
+            reference = model(torch.tensor([seq]), use_cache=True).past_key_values
+            for layer in range(model.config.num_hidden_layers):
+                expected = reference.layers[layer].keys[0]  # a sliding layer keeps only its window: compare that
+                stored = runner.cache.kv[layer, 0, row, :, len(seq) - expected.shape[1]: len(seq)]
+                torch.testing.assert_close(stored, expected, atol=1e-9, rtol=1e-9)
+
+
+def test_finished_rows_leave_and_the_rest_stay_exact():
+    model = tiny_model("llama", seed=7)
+    runner = CausalLMRunner(model)
+    prompts = [[3, 4, 5], [6, 7, 8, 9, 10], [11, 12]]
+    runner.prefill(prompts)
+    runner.keep_rows([0, 2])
+    assert runner.cache.length.tolist() == [3, 2]
+    runner.begin_block()
+    out = runner.forward(torch.tensor([[40], [41]]), runner.next_pos[:, None], torch.ones(2, 1, 1, dtype=torch.bool))
+    with torch.no_grad():
+        torch.testing.assert_close(out[0, -1], model(torch.tensor([[3, 4, 5, 40]])).logits[0, -1])
+        torch.testing.assert_close(out[1, -1], model(torch.tensor([[11, 12, 41]])).logits[0, -1])
 
 
 def test_verify_greedy_accepts_longest_matching_path():

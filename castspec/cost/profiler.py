@@ -137,27 +137,12 @@ def profile(models: dict[str, Any], grid: Grid, progress: bool = True) -> CostTa
 
 
 def _synthetic_context(runner: CausalLMRunner, batch: int, length: int) -> None:
-    """Give the runner a `length`-token cache for `batch` sequences without paying for a long prefill.
-
-    A forward's cost depends on the cache's size, not its contents: prefill a short random prompt and tile its keys
-    and values up to `length` slots (all valid, positions 0..length-1).
-    """
-    seed_len = min(length, 32)
-    generator = torch.Generator().manual_seed(batch * 7919 + length)
-    prompt = torch.randint(3, runner.config.vocab_size, (batch, seed_len), generator=generator).to(runner.device)
-    runner.prefill(prompt, torch.ones_like(prompt, dtype=torch.bool))
-    repeats = -(-length // seed_len)
-    for layer in runner.cache.layers:
-        layer.keys = layer.keys.repeat(1, 1, repeats, 1)[:, :, :length].contiguous()
-        layer.values = layer.values.repeat(1, 1, repeats, 1)[:, :, :length].contiguous()
-    runner.slot_valid = torch.ones(batch, length, dtype=torch.bool, device=runner.device)
-    runner.slot_pos = torch.arange(length, device=runner.device).expand(batch, length).contiguous()
-    runner.next_pos = torch.full((batch,), length, dtype=torch.long, device=runner.device)
-    runner.begin_block()
+    """Give the runner a `length`-token cache for `batch` sequences without paying for a long prefill."""
+    runner.synthetic_context(batch, length, seed=batch * 7919 + length)
 
 
 def _time_forward(runner: CausalLMRunner, n: int) -> float:
-    batch = runner.next_pos.shape[0]
+    batch = runner.batch_size
     device = runner.device
     tokens = torch.randint(3, runner.config.vocab_size, (batch, n), device=device)
     positions = runner.next_pos[:, None] + torch.arange(n, device=device)

@@ -1,25 +1,27 @@
-"""Drive a stock Hugging Face causal LM with a KV cache, tree masks and explicit positions.
+"""Drive a stock Hugging Face causal LM over a batch of rows with an in-place KV cache, tree masks and positions.
 
-Both the target and a draft LM go through this adapter; no modeling file is patched. The cache is a plain
-`DynamicCache` whose length is shared by the whole batch. Which cache slots a row may attend to is kept here in
-`slot_valid` ([B, L]); left padding and the unaccepted tail of a step are simply invalid slots. Every forward gets
-an explicit 4D additive mask (prefix validity + the caller's tree mask) and `position_ids = next position + depth`,
-so tree nodes at the same depth share a position — the rotary phase a token would have had in plain decoding.
-
-A decoding step appends a *block* of tokens (one or several forwards), then `commit` keeps a per-row subset of
-that block (the accepted path), packs it to the front of the block and drops the rest.
+Both the target and a draft LM go through this adapter; no modeling file is patched. The cache
+(`castspec.models.kv_cache.TreeKVCache`) holds exactly each row's committed tokens, so a row's next position is its
+length. A decoding step appends a *block* of speculative tokens (one or several forwards); every forward gets an
+explicit 4D additive mask — each query sees its row's committed tokens plus the block slots the caller's block mask
+allows — and `position_ids = length + depth`, so tree nodes at the same depth share a position, the rotary phase a
+token would have had in plain decoding. `commit` keeps a per-row subset of the block (the accepted path).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from castspec.models.attention import use_grouped_attention
+from castspec.models.kv_cache import TreeKVCache
+
+# Slots reserved beyond prompt + budget for the speculative block of one step (the cache grows if a step needs more).
+BLOCK_RESERVE = 320
 
 
 class CausalLMRunner:
-    """KV-cached forwards of one causal LM over a batch of sequences."""
+    """KV-cached forwards of one causal LM over a batch of rows."""
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
@@ -31,36 +33,49 @@ class CausalLMRunner:
         has_sliding = "sliding_attention" in layer_types
         self.sliding_window = getattr(self.config, "sliding_window", None) if has_sliding else None
         self.max_positions = getattr(self.config, "max_position_embeddings", None)
-        self.reset(batch_size=1)
+        self.reset(batch_size=1, capacity=BLOCK_RESERVE)
 
     # --- state -----------------------------------------------------------------------------------------------
-    def reset(self, batch_size: int) -> None:
-        self.cache = DynamicCache()
-        self.slot_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=self.device)
-        self.slot_pos = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-        self.block_start = 0
+    def reset(self, batch_size: int, capacity: int) -> None:
+        """An empty cache for `batch_size` rows with room for `capacity` tokens per row."""
+        self.cache = TreeKVCache(self.config.num_hidden_layers, batch_size, capacity, self.device, self.dtype)
+        self.block_pos = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # positions of the block
 
     @property
-    def cache_len(self) -> int:
-        return self.slot_valid.shape[1]
+    def next_pos(self) -> torch.Tensor:
+        """[B] position of each row's next token = its committed length."""
+        return self.cache.length
+
+    @property
+    def batch_size(self) -> int:
+        return self.cache.batch_size
+
+    @property
+    def block_len(self) -> int:
+        return self.cache.block
 
     def begin_block(self) -> None:
-        """Mark where this step's speculative entries start; `commit` only touches slots after it."""
-        self.block_start = self.cache_len
+        """Start a step's speculative block, forgetting any uncommitted one."""
+        self.cache.discard_block()
+        self.block_pos = self.block_pos[:, :0]
 
     # --- forwards --------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Run left-padded prompts; returns the logits at each row's last token, [B, V]."""
-        batch, length = input_ids.shape
-        self.reset(batch)
-        valid = attention_mask.to(torch.bool)
-        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
-        block_mask = causal[None] & valid[:, None, :]
-        logits = self.forward(input_ids, positions, block_mask, token_valid=valid, logits_to_keep=1)
-        self.next_pos = valid.sum(dim=1)
+    def prefill(self, prompts: list[list[int]], reserve: int = BLOCK_RESERVE) -> torch.Tensor:
+        """Run the prompts (one row each, any lengths) into a fresh cache; returns each row's last logits [B, V].
+
+        Rows are right-padded in one forward: padding lands in slots past the row's length, which stay invalid.
+        """
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
+        longest = max(len(p) for p in prompts)
+        self.reset(len(prompts), longest + reserve)
+        tokens = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], dtype=torch.long, device=self.device)
+        valid = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]
+        causal = torch.ones(longest, longest, dtype=torch.bool, device=self.device).tril()
+        positions = torch.arange(longest, device=self.device).expand(len(prompts), -1)
+        logits = self.forward(tokens, positions, causal[None] & valid[:, None, :], token_valid=valid,
+                              logits_to_keep=(lengths - 1)[:, None])  # only each row's last position
+        self.cache.set_lengths(lengths)
         self.begin_block()
         return logits[:, -1]
 
@@ -71,37 +86,43 @@ class CausalLMRunner:
         positions: torch.Tensor,
         block_mask: torch.Tensor,
         token_valid: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> torch.Tensor:
-        """Append `tokens` [B, n] to the cache and return their logits [B, n or keep, V].
+        """Append `tokens` [B, n] to the block and return their logits [B, n (or as kept), V].
 
-        `block_mask` [B, n, S + n] says which of this block's already-cached slots (S = slots since `begin_block`)
-        and which of the new tokens each new token attends to; the prefix before the block is governed by
-        `slot_valid`. `token_valid` [B, n] marks padding among the new tokens (they become invalid slots).
+        `block_mask` [B, n, S + n] says which of the block's earlier slots (S = `block_len`) and which of the new
+        tokens each new token attends to; every query also sees its row's committed tokens. `token_valid` [B, n]
+        marks padding among the new tokens (a padding query attends to itself only, so softmax stays finite).
         """
         batch, n = tokens.shape
-        if token_valid is None:
-            token_valid = torch.ones(batch, n, dtype=torch.bool, device=self.device)
-        # A padding query must still attend to something (itself), or softmax over nothing gives NaN.
-        own = torch.eye(n, dtype=torch.bool, device=self.device)[None] & ~token_valid[:, :, None]
-        block_mask = torch.cat([block_mask[:, :, :-n], block_mask[:, :, -n:] | own], dim=2)
-        prefix_allowed = self.slot_valid[:, : self.block_start]
-        allowed = torch.cat([prefix_allowed[:, None, :].expand(batch, n, -1), block_mask], dim=2)
-        self.slot_valid = torch.cat([self.slot_valid, token_valid], dim=1)
-        self.slot_pos = torch.cat([self.slot_pos, positions], dim=1)
+        if token_valid is not None:
+            own = torch.eye(n, dtype=torch.bool, device=self.device)[None] & ~token_valid[:, :, None]
+            block_mask = torch.cat([block_mask[:, :, :-n], block_mask[:, :, -n:] | own], dim=2)
+        self.block_pos = torch.cat([self.block_pos, positions], dim=1)
+        end = self.cache.begin_write(n)
+        allowed, key_pos = self._visible(block_mask, end)
         mask = self._additive(allowed)
         if self.sliding_window is not None:
-            near = (positions[:, :, None] - self.slot_pos[:, None, :]) < self.sliding_window
+            near = (positions[:, :, None] - key_pos[:, None, :]) < self.sliding_window
             mask = {"full_attention": mask, "sliding_attention": self._additive(allowed & near)}
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-        )
+        try:
+            out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                             past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
+        finally:
+            self.cache.end_write(n)
         return out.logits
+
+    def _visible(self, block_mask: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which of the `end` attended slots each new token sees [B, n, end], and each slot's position [B, end]."""
+        width = block_mask.shape[2]  # block slots so far, this forward's included
+        slot = torch.arange(end, device=self.device)[None, :]
+        rel = slot - self.cache.length[:, None]  # slot relative to the row's block start
+        in_block = (rel >= 0) & (rel < width)
+        index = rel.clamp(0, width - 1)
+        sees_block = block_mask.gather(2, index[:, None, :].expand(-1, block_mask.shape[1], -1))
+        allowed = (rel < 0)[:, None, :] | (in_block[:, None, :] & sees_block)
+        key_pos = torch.where(rel < 0, slot, self.block_pos.gather(1, index))
+        return allowed, key_pos
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
@@ -109,34 +130,32 @@ class CausalLMRunner:
         return mask[:, None]
 
     # --- commit ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def commit(self, keep: torch.Tensor, keep_count: torch.Tensor) -> None:
-        """Keep, per row, the block slots `keep[b, :keep_count[b]]` (indices relative to the block start).
+        """Keep, per row, the block slots `keep[b, :keep_count[b]]` (ascending); the rest of the block is dropped.
+        The row's length (its next position) advances by `keep_count`."""
+        self.cache.commit(keep, keep_count)
+        self.begin_block()
 
-        The kept entries are packed to the front of the block in the given order; the block is cropped to the
-        longest row and shorter rows get invalid slots. `next_pos` advances by `keep_count`.
+    @torch.inference_mode()
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these rows of the batch (ascending indices); finished rows cost nothing more."""
+        self.cache.keep_rows(rows)
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.block_pos = self.block_pos.index_select(0, index)
+
+    @torch.inference_mode()
+    def synthetic_context(self, batch_size: int, length: int, seed: int = 0) -> None:
+        """A `length`-token cache for `batch_size` rows without paying for a long prefill (for profiling).
+
+        A forward's cost depends on the cache's size, not its contents: prefill a short random prompt and tile its
+        keys and values up to `length` slots.
         """
-        start = self.block_start
-        width = int(keep.shape[1])
-        in_range = torch.arange(width, device=self.device)[None, :] < keep_count[:, None]
-        src = start + torch.where(in_range, keep, torch.zeros_like(keep))
-        for layer in self.cache.layers:
-            for name in ("keys", "values"):
-                states = getattr(layer, name)
-                index = src[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
-                kept = torch.gather(states, 2, index)
-                setattr(layer, name, torch.cat([states[:, :, :start], kept], dim=2))
-        self.slot_pos = torch.cat([self.slot_pos[:, :start], torch.gather(self.slot_pos, 1, src)], dim=1)
-        self.slot_valid = torch.cat([self.slot_valid[:, :start], in_range], dim=1)
-        self.next_pos = self.next_pos + keep_count
-        self.begin_block()
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only these sequences of the batch, and drop cache columns no remaining sequence uses."""
-        columns = self.slot_valid.index_select(0, rows).any(dim=0).nonzero().squeeze(1)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, rows).index_select(2, columns)
-            layer.values = layer.values.index_select(0, rows).index_select(2, columns)
-        self.slot_valid = self.slot_valid.index_select(0, rows).index_select(1, columns)
-        self.slot_pos = self.slot_pos.index_select(0, rows).index_select(1, columns)
-        self.next_pos = self.next_pos.index_select(0, rows)
-        self.begin_block()
+        seed_len = min(length, 32)
+        generator = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(3, self.config.vocab_size, (batch_size, seed_len), generator=generator)
+        self.prefill(prompt.tolist(), reserve=length - seed_len + BLOCK_RESERVE)
+        kv = self.cache.kv
+        repeats = -(-length // seed_len)
+        kv[..., :length, :] = kv[..., :seed_len, :].repeat(1, 1, 1, 1, repeats, 1)[..., :length, :]
+        self.cache.set_lengths(torch.full((batch_size,), length, dtype=torch.long))

@@ -1,0 +1,154 @@
+"""A preallocated KV cache written in place, where every row holds exactly its own accepted tokens.
+
+One buffer per model, `kv[layer, key/value, row, head, slot, dim]`, allocated once (it grows only if a request
+outlives its reserve). Row b's committed tokens occupy slots `[0, length[b])` — no padding, so a token's slot is
+its position. A decoding step writes a *block* of speculative tokens after each row's own length (the block has the
+same width for every row: every forward writes the same number of tokens per row); `commit` then moves each row's
+accepted block slots to `length[b], length[b] + 1, ...` — at most depth + 1 vectors per layer per row — and forgets
+the rest of the block. Nothing copies the whole cache per step: attention reads a view of the buffer, new tokens are
+written into free slots, and only a row leaving the batch moves the rows after it.
+
+The cache plugs into a stock Hugging Face model through the `Cache.update` hook every attention layer calls; no
+modeling file is patched. Which slots a query may see is the runner's business (`castspec.models.runner`): slots
+past a row's length that are not in its block hold stale data and are always masked.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class _LayerView(CacheLayerMixin):
+    """What `transformers` sees of one layer: lengths for its bookkeeping; the data lives in the shared buffer."""
+
+    is_sliding = False
+
+    def __init__(self, cache: TreeKVCache):
+        super().__init__()
+        self.cache = cache
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):  # pragma: no cover - TreeKVCache.update is used
+        raise NotImplementedError
+
+    def get_seq_length(self) -> int:
+        return self.cache.max_length + self.cache.block
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class TreeKVCache(Cache):
+    """Per-row lengths, an in-place speculative block, and commits that move only the accepted entries."""
+
+    def __init__(self, num_layers: int, batch_size: int, capacity: int, device: torch.device, dtype: torch.dtype):
+        super().__init__(layers=[_LayerView(self) for _ in range(num_layers)])
+        self.num_layers, self.capacity = num_layers, max(int(capacity), 1)
+        self.device, self.dtype = torch.device(device), dtype
+        self.kv: torch.Tensor | None = None  # allocated at the first write, when head count and size are known
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # committed tokens per row
+        self.max_length = 0  # host copies of max/min of `length`: slicing needs Python ints, not tensors
+        self.min_length = 0
+        self.block = 0  # speculative slots written since the last commit (the same count for every row)
+        self._write: slice | torch.Tensor | None = None  # where the forward in progress writes
+
+    @property
+    def batch_size(self) -> int:
+        return self.length.shape[0]
+
+    # --- one forward -----------------------------------------------------------------------------------------
+    def begin_write(self, count: int) -> int:
+        """Reserve `count` new block slots per row for the next forward; returns the slots attention will see."""
+        end = self.max_length + self.block + count
+        self._ensure_capacity(end)
+        if self.min_length == self.max_length:  # every row equally long: a plain slice, the common case
+            start = self.max_length + self.block
+            self._write = slice(start, start + count)
+        else:
+            offsets = torch.arange(self.block, self.block + count, device=self.device)
+            self._write = self.length[:, None] + offsets  # [B, count]
+        return end
+
+    def end_write(self, count: int) -> None:
+        self.block += count
+        self._write = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this forward's keys/values [B, H, n, d] into their slots; return views over the visible slots."""
+        if self.kv is None:
+            self._allocate(key_states)
+        layer = self.kv[layer_idx]
+        if isinstance(self._write, slice):
+            layer[0, :, :, self._write] = key_states
+            layer[1, :, :, self._write] = value_states
+        else:
+            rows = torch.arange(self.batch_size, device=self.device)[:, None]
+            layer[0, rows, :, self._write] = key_states.transpose(1, 2)
+            layer[1, rows, :, self._write] = value_states.transpose(1, 2)
+        end = self.max_length + self.block + key_states.shape[2]
+        return layer[0, :, :, :end], layer[1, :, :, :end]
+
+    def _allocate(self, key_states: torch.Tensor) -> None:
+        _, heads, _, head_dim = key_states.shape
+        self.kv = torch.zeros(self.num_layers, 2, self.batch_size, heads, self.capacity, head_dim,
+                              dtype=key_states.dtype, device=self.device)
+
+    def _ensure_capacity(self, slots: int) -> None:
+        """Grow the buffer (a rare full copy) when a row needs more slots than were reserved."""
+        if slots <= self.capacity:
+            return
+        self.capacity = max(slots, 2 * self.capacity)
+        if self.kv is not None:
+            old, used = self.kv, self.max_length + self.block
+            self.kv = torch.zeros(*old.shape[:4], self.capacity, old.shape[5], dtype=old.dtype, device=self.device)
+            self.kv[..., :used, :] = old[..., :used, :]
+
+    # --- between steps ---------------------------------------------------------------------------------------
+    def commit(self, keep: torch.Tensor, keep_count: torch.Tensor) -> None:
+        """Keep, per row, block slots `keep[b, :keep_count[b]]` (block-relative, ascending): they move to the slots
+        right after the row's committed tokens; the rest of the block is forgotten."""
+        width = keep.shape[1]
+        if width and self.kv is not None:
+            column = torch.arange(width, device=self.device)[None, :]
+            dst = self.length[:, None] + column
+            src = torch.where(column < keep_count[:, None], self.length[:, None] + keep, dst)
+            rows = torch.arange(self.batch_size, device=self.device)[:, None]
+            self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]  # gathered first, so overlaps are safe
+        self.length = self.length + keep_count
+        self.block = 0
+        self._sync_lengths()
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        """Declare slots `[0, lengths[b])` committed (after a prefill that wrote them in place)."""
+        self.length = lengths.to(device=self.device, dtype=torch.long)
+        self.block = 0
+        self._sync_lengths()
+
+    def discard_block(self) -> None:
+        """Forget the uncommitted speculative slots."""
+        self.block = 0
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these rows (ascending), compacted to the front; only rows that change place are copied."""
+        moves = [(new, old) for new, old in enumerate(rows) if new != old]
+        if moves and self.kv is not None:
+            used = self.max_length + self.block
+            for new, old in moves:  # ascending, old >= new: a source is never overwritten before it is read
+                self.kv[:, :, new, :, :used] = self.kv[:, :, old, :, :used]
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.length = self.length.index_select(0, index)
+        if self.kv is not None:
+            self.kv = self.kv[:, :, : len(rows)]
+        self._sync_lengths()
+
+    def _sync_lengths(self) -> None:
+        low, high = torch.aminmax(self.length) if self.length.numel() else (torch.tensor(0), torch.tensor(0))
+        self.min_length, self.max_length = int(low), int(high)

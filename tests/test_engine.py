@@ -1,0 +1,105 @@
+"""The decode loop's contracts with its parts: which model it touches, what the draft's cache holds after every
+step whatever the policy returns, that caches are written in place, and what the batch statistics count."""
+
+from __future__ import annotations
+
+import torch
+
+from castspec.engine import SpeculativeGenerator
+from castspec.policies import make_policy
+from castspec.policies.chain import ChainPolicy
+from tests.conftest import ToyTokenizer, reference_greedy, tiny_model
+
+PROMPT = [5, 17, 33, 2, 61, 8]
+
+
+def pair():
+    return tiny_model("qwen2", seed=11, sharpen=4.0), tiny_model("qwen2", seed=11, layers=1, sharpen=4.0)
+
+
+def count_forwards(model) -> list[int]:
+    calls = [0]
+    model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_plain_decoding_never_touches_the_draft():
+    """`ar` on a generator that holds a draft (as `generate --compare` does) must not prefill or feed it."""
+    target, draft = pair()
+    gen = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy="chain:gamma=3")
+    gen.generate(PROMPT, max_new_tokens=6)
+    calls = count_forwards(draft)
+    gen.policy = make_policy("ar")
+    out = gen.generate(PROMPT, max_new_tokens=10)
+    assert calls[0] == 0
+    assert out.token_ids == reference_greedy(target, PROMPT, 10)
+
+
+class SometimesEmpty(ChainPolicy):
+    """A chain that, on every other step, drafts nothing after the drafter has already been started."""
+
+    name = "sometimes-empty"
+
+    def __init__(self, gen_ref: list, gamma: int = 3):
+        super().__init__(gamma)
+        self.gen_ref, self.step = gen_ref, 0
+        self.draft_ptrs: set[int] = set()
+        self.target_ptrs: set[int] = set()
+
+    def begin_step(self, ctx) -> None:
+        super().begin_step(ctx)
+        self.step += 1
+
+    def choose(self, level, cand_logscore):
+        if self.step % 2 == 0:
+            return torch.zeros_like(cand_logscore[:, :0], dtype=torch.long), 0
+        return super().choose(level, cand_logscore)
+
+    def observe(self, record) -> None:
+        """After each step: the draft's cache + its pending tokens are exactly the sequence so far."""
+        gen = self.gen_ref[0]
+        drafter = gen.drafter
+        known = gen.target.cache.length + 1  # committed tokens + the new root
+        assert (drafter.runner.cache.length + drafter.pending_valid.sum(dim=1)).tolist() == known.tolist()
+        self.draft_ptrs.add(drafter.runner.cache.kv.data_ptr())
+        self.target_ptrs.add(gen.target.cache.kv.data_ptr())
+
+
+def test_draft_cache_stays_exact_when_a_policy_returns_an_empty_tree():
+    target, draft = pair()
+    ref: list = []
+    policy = SometimesEmpty(ref)
+    gen = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy=policy)
+    ref.append(gen)
+    out = gen.generate(PROMPT, max_new_tokens=24)
+    assert out.token_ids == reference_greedy(target, PROMPT, 24)
+    assert policy.step >= 4
+    # The draft's committed entries are the keys/values of exactly the sequence's first tokens.
+    sequence = PROMPT + out.token_ids
+    length = int(gen.drafter.runner.cache.length[0])
+    with torch.no_grad():
+        reference = draft(torch.tensor([sequence[:length]]), use_cache=True).past_key_values
+    torch.testing.assert_close(gen.drafter.runner.cache.kv[0, 0, 0, :, :length], reference.layers[0].keys[0])
+    # Written in place: one buffer per model for the whole generation, never reallocated or copied per step.
+    assert len(policy.draft_ptrs) == 1 and len(policy.target_ptrs) == 1
+
+
+def test_batch_stats_count_every_step_until_the_last_row_finishes():
+    """Rows that finish early must not stop the batch's clocks (bench reads decode time from them)."""
+    target, draft = pair()
+    gen = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy="chain:gamma=2")
+    short, long = [9, 4, 7], [30, 31, 32, 33]
+    long_out = reference_greedy(target, long, 16)
+    early_eos = next(t for t in reference_greedy(target, short, 3) if t not in long_out)
+    gen.eos_ids = {early_eos}
+    results = gen.generate_batch([short, long], max_new_tokens=16)
+    first, second = (r.stats for r in results)
+    batch = results[0].batch_stats
+    assert results[1].batch_stats is batch
+    assert len(results[0].token_ids) <= 3 and len(results[1].token_ids) == 16
+    assert first.steps < second.steps == batch.steps
+    assert batch.draft_s >= second.draft_s > first.draft_s
+    assert batch.verify_s >= second.verify_s > first.verify_s
+    assert batch.new_tokens == len(results[0].token_ids) + len(results[1].token_ids)
+    assert first.wall_s < second.wall_s <= batch.wall_s
+    assert first.tokens_per_s == len(results[0].token_ids) / first.wall_s
