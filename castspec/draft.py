@@ -19,8 +19,8 @@ class DraftLM:
     def __init__(self, runner: CausalLMRunner):
         self.runner = runner
 
-    def prefill(self, prompts: list[list[int]], first_token: torch.Tensor) -> None:
-        self.runner.prefill(prompts)
+    def prefill(self, prompts: list[list[int]], first_token: torch.Tensor, budget: int = 0) -> None:
+        self.runner.prefill(prompts, budget)
         self.pending = first_token[:, None]
         self.pending_valid = torch.ones_like(self.pending, dtype=torch.bool)
         self.started = False

@@ -262,9 +262,9 @@ class SpeculativeGenerator:
     def _prefill(self, state: BatchState, prompts: list[list[int]]) -> list[list[int]]:
         """Run the prompts through the target (and the draft, if this batch speculates); the first token each."""
         t0 = time.perf_counter()
-        state.root = state.choose(self.target.prefill(prompts))
+        state.root = state.choose(self.target.prefill(prompts, state.budget))
         if state.drafter is not None:
-            state.drafter.prefill(prompts, state.root)
+            state.drafter.prefill(prompts, state.root, state.budget)
         elapsed = time.perf_counter() - t0
         state.batch_stats.prefill_s = elapsed
         for row in state.rows:

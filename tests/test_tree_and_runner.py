@@ -174,3 +174,21 @@ def test_verify_greedy_accepts_longest_matching_path():
     assert out.path.tolist() == [[0, 2, -1]]
     assert out.bonus.tolist() == [19]
     assert out.new_tokens[0, :3].tolist() == [10, 12, 19]
+
+
+def test_cache_grows_when_a_block_outruns_its_reserve():
+    """A block longer than the reserved slots grows the buffer once and stays exact (committed part included)."""
+    model = tiny_model("qwen2", seed=8)
+    runner = CausalLMRunner(model)
+    prompt = [3, 4, 5, 6]
+    runner.prefill([prompt])
+    before = runner.cache.capacity
+    chain = torch.arange(10, 10 + before, dtype=torch.long)[None] % 90 + 3
+    runner.begin_block()
+    n = chain.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None]
+    logits = runner.forward(chain, runner.next_pos[:, None] + torch.arange(n), causal)
+    assert runner.cache.capacity > before
+    with torch.no_grad():
+        full = model(torch.cat([torch.tensor([prompt]), chain], dim=1)).logits[0, -1]
+    torch.testing.assert_close(logits[0, -1], full, atol=1e-9, rtol=1e-9)

@@ -16,8 +16,8 @@ from transformers import PreTrainedModel
 from castspec.models.attention import use_grouped_attention
 from castspec.models.kv_cache import TreeKVCache
 
-# Slots reserved beyond prompt + budget for the speculative block of one step (the cache grows if a step needs more).
-BLOCK_RESERVE = 320
+# Slots reserved beyond prompt + budget for one step's speculative block; a step that needs more grows the cache.
+BLOCK_RESERVE = 64
 
 
 class CausalLMRunner:
@@ -61,14 +61,15 @@ class CausalLMRunner:
 
     # --- forwards --------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], reserve: int = BLOCK_RESERVE) -> torch.Tensor:
-        """Run the prompts (one row each, any lengths) into a fresh cache; returns each row's last logits [B, V].
+    def prefill(self, prompts: list[list[int]], budget: int = 0) -> torch.Tensor:
+        """Run the prompts (one row each, any lengths) into a fresh cache with room for `budget` more tokens per
+        row (plus a step's block); returns each row's last logits [B, V].
 
         Rows are right-padded in one forward: padding lands in slots past the row's length, which stay invalid.
         """
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
         longest = max(len(p) for p in prompts)
-        self.reset(len(prompts), longest + reserve)
+        self.reset(len(prompts), longest + budget + BLOCK_RESERVE)
         tokens = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], dtype=torch.long, device=self.device)
         valid = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]
         causal = torch.ones(longest, longest, dtype=torch.bool, device=self.device).tril()
@@ -154,7 +155,7 @@ class CausalLMRunner:
         seed_len = min(length, 32)
         generator = torch.Generator().manual_seed(seed)
         prompt = torch.randint(3, self.config.vocab_size, (batch_size, seed_len), generator=generator)
-        self.prefill(prompt.tolist(), reserve=length - seed_len + BLOCK_RESERVE)
+        self.prefill(prompt.tolist(), budget=length - seed_len)
         kv = self.cache.kv
         repeats = -(-length // seed_len)
         kv[..., :length, :] = kv[..., :seed_len, :].repeat(1, 1, 1, 1, repeats, 1)[..., :length, :]
