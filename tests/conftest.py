@@ -1,4 +1,8 @@
-"""Tiny randomly initialised models (float64, so that argmax ties cannot flip) shared by the tests."""
+"""Tiny randomly initialised models (float64, so that argmax ties cannot flip) shared by the tests.
+
+`CASTSPEC_TEST_DEVICE=cuda` runs the exactness tests (tests/test_exactness.py, tests/test_batch.py) on that device,
+in float32 unless `CASTSPEC_TEST_DTYPE` says otherwise (`make gpu-check` does this); every other test stays on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB = 97
+TEST_DEVICE = torch.device(os.environ.get("CASTSPEC_TEST_DEVICE", "cpu"))
+_DEFAULT_DTYPE = "float64" if TEST_DEVICE.type == "cpu" else "float32"
+TEST_DTYPE = getattr(torch, os.environ.get("CASTSPEC_TEST_DTYPE", _DEFAULT_DTYPE))
 
 
 def tiny_config(arch: str, layers: int = 2, hidden: int = 32, seed_offset: int = 0):
@@ -36,6 +43,11 @@ def tiny_model(arch: str, seed: int, layers: int = 2, hidden: int = 32, sharpen:
     return model.eval()
 
 
+def on_test_device(model):
+    """A tiny model on the device and dtype the exactness tests run on (the CPU in float64 unless asked otherwise)."""
+    return model.to(device=TEST_DEVICE, dtype=TEST_DTYPE)
+
+
 @pytest.fixture(scope="session", params=["qwen2", "llama", "gemma3"])
 def arch(request):
     return request.param
@@ -47,7 +59,7 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]
     out = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = model(torch.tensor([ids])).logits[0, -1]
+            logits = model(torch.tensor([ids], device=model.device)).logits[0, -1]
             token = int(logits.argmax())
             out.append(token)
             ids.append(token)

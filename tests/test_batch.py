@@ -6,7 +6,7 @@ import pytest
 
 from castspec.cost.table import OnlineCosts
 from castspec.engine import SpeculativeGenerator
-from tests.conftest import ToyTokenizer, reference_greedy, tiny_model
+from tests.conftest import ToyTokenizer, on_test_device, reference_greedy, tiny_model
 from tests.test_cast import FLAT
 
 PROMPTS = [[5, 17, 33], [11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41]]
@@ -15,12 +15,12 @@ POLICIES = ["ar", "chain:gamma=3", "static", "eagle2:total_tokens=10,depth=3,top
 
 @pytest.fixture(scope="module")
 def target():
-    return tiny_model("qwen2", seed=0, sharpen=30.0)
+    return on_test_device(tiny_model("qwen2", seed=0, sharpen=30.0))
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_batch_matches_each_prompt_alone(target, policy):
-    draft = tiny_model("qwen2", seed=0, sharpen=30.0)  # same weights: long accepted paths
+    draft = on_test_device(tiny_model("qwen2", seed=0, sharpen=30.0))  # same weights: long accepted paths
     gen = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy=policy, costs=OnlineCosts(FLAT))
     results = gen.generate_batch(PROMPTS, max_new_tokens=20)
     for prompt, result in zip(PROMPTS, results, strict=True):
@@ -33,7 +33,7 @@ def test_sequences_finishing_at_different_steps(target):
     tokenizer = ToyTokenizer()
     target.config.eos_token_id = first[3]
     try:
-        draft = tiny_model("qwen2", seed=1, layers=1)
+        draft = on_test_device(tiny_model("qwen2", seed=1, layers=1))
         gen = SpeculativeGenerator(target, tokenizer, draft=draft, policy="chain:gamma=2")
         gen.eos_ids = {first[3]}
         results = gen.generate_batch(PROMPTS, max_new_tokens=15)

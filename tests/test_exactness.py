@@ -9,7 +9,7 @@ import torch
 
 from castspec.cost.table import OnlineCosts
 from castspec.engine import SpeculativeGenerator
-from tests.conftest import ToyTokenizer, reference_greedy, tiny_model
+from tests.conftest import ToyTokenizer, on_test_device, reference_greedy, tiny_model
 from tests.test_cast import FLAT
 
 POLICIES = ["ar", "chain", "chain:gamma=1", "static", "static:paths=0;1;0.0;0.0.0;0.0.1",
@@ -31,7 +31,8 @@ def models(arch):
     with torch.no_grad():
         for p in noisy.parameters():
             p.add_(0.003 * torch.randn_like(p))
-    return target, {"self": target, "noisy": noisy, "random": tiny_model(arch, seed=1, layers=1)}
+    drafts = {"self": target, "noisy": noisy, "random": tiny_model(arch, seed=1, layers=1)}
+    return on_test_device(target), {kind: on_test_device(model) for kind, model in drafts.items()}
 
 
 @pytest.mark.parametrize("policy", POLICIES)
