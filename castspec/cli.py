@@ -358,25 +358,20 @@ def _print_comparison(args: argparse.Namespace, baseline, out: dict) -> None:
 
 def _generate_batches(args: argparse.Namespace, gen, prompts: list[str]) -> int:
     """Generate `args.batch_size` prompts at a time; print each result (or one JSON list)."""
-    from castspec.bench.runner import batch_totals
-
     outputs = []
     for first in range(0, len(prompts), args.batch_size):
         chunk = prompts[first:first + args.batch_size]
         results = gen.generate_batch(chunk, max_new_tokens=args.max_new_tokens, chat=args.chat, **_sampling(args))
-        batch = batch_totals(results)
-        tokens = sum(len(r.token_ids) for r in results)
-        batch_figures = {"rows": len(chunk), "new_tokens": tokens, "wall_s": round(batch["wall_s"], 4),
-                         "tokens_per_s": round(tokens / batch["wall_s"], 3) if batch["wall_s"] > 0 else 0.0}
+        batch = results[0].batch_stats  # the whole call (each row's `stats.wall_s` is its own latency)
         for offset, result in enumerate(results):
             s = result.stats
             outputs.append({"index": first + offset, "text": result.text, "token_ids": result.token_ids,
                             "new_tokens": len(result.token_ids), "prompt_tokens": result.prompt_tokens,
-                            "stats": s.as_dict(per_step=args.verbose), "batch": batch_figures})
+                            "stats": s.as_dict(per_step=args.verbose), "batch": batch.as_dict()})
             if not args.json:
-                print(f"=== prompt {first + offset + 1} ({s.new_tokens} tokens, {s.mean_accept_len:.2f} per step; "
-                      f"batch of {len(chunk)}: {tokens} tokens in {batch['wall_s']:.2f} s = "
-                      f"{batch_figures['tokens_per_s']:.2f} tok/s)\n{result.text}")
+                print(f"=== prompt {first + offset + 1} ({s.new_tokens} tokens in {s.wall_s:.2f} s, "
+                      f"{s.mean_accept_len:.2f} per step; batch of {len(chunk)}: {batch.new_tokens} tokens in "
+                      f"{batch.wall_s:.2f} s = {batch.tokens_per_s:.2f} tok/s)\n{result.text}")
     if args.json:
         print(json.dumps(outputs))
     return 0

@@ -186,6 +186,8 @@ def test_batch_prompt_file(pair, capsys, tmp_path):
     results = json.loads(out)
     assert [r["index"] for r in results] == [0, 1, 2]
     assert all(r["new_tokens"] == 6 for r in results)
+    assert [(r["batch"]["rows"], r["batch"]["new_tokens"]) for r in results] == [(2, 12), (2, 12), (1, 6)]
+    assert all(r["stats"]["wall_s"] <= r["batch"]["wall_s"] for r in results)  # a row's latency, within its call
 
 
 def _spec_bench_file(path):

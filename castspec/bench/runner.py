@@ -193,8 +193,10 @@ class MethodRunner:
                                                          temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
                                                          seed=c.seed)
         stats = [r.stats for r in results]
+        batch = results[0].batch_stats  # the whole call; sequence 0's own stats stop when it finishes
         return {"token_ids": [r.token_ids for r in results], "new_tokens": sum(len(r.token_ids) for r in results),
-                **batch_totals(results),
+                "steps": batch.steps, "prefill_s": batch.prefill_s, "draft_s": batch.draft_s,
+                "verify_s": batch.verify_s, "wall_s": batch.wall_s,
                 "accepted": [a for s in stats for a in s.accepted], "depths": [d for s in stats for d in s.depths],
                 "verified": [v for s in stats for v in s.verified]}
 
@@ -246,20 +248,6 @@ class MethodRunner:
             logits = self.target_model(prefix, logits_to_keep=1).logits[0, -1].float()
         gap = float(logits[reference[index]] - logits[other[index]])
         return {"index": index, "ar_token": reference[index], "other_token": other[index], "logit_gap": round(gap, 5)}
-
-
-def batch_totals(results: list[Any]) -> dict[str, Any]:
-    """Steps, prefill, draft, verify and wall time of one `generate_batch` call as a whole.
-
-    Why not sequence 0's stats: a row stops counting when it finishes, so its share understates every B > 1 batch
-    whose other rows run longer.
-    """
-    keys = ("steps", "prefill_s", "draft_s", "verify_s", "wall_s")
-    batch = getattr(results[0], "batch_stats", None)
-    if batch is not None:
-        return {key: getattr(batch, key) for key in keys}
-    # Engines without `batch_stats`: the longest row took part in every step, so its totals are the batch's.
-    return {key: max(getattr(r.stats, key) for r in results) for key in keys}
 
 
 def run_bench(config: BenchConfig, prompts: list[Prompt], out_dir: Path | None = None, resume: bool = False,
