@@ -51,9 +51,12 @@ bench-batch: install models
 	$(BIN)/castspec bench --dataset humaneval --num-prompts 8 --max-new-tokens 128 --batch-size 1,2,4,8 \
 	  --methods ar,hf,eagle2,eagle2:total_tokens=16/depth=6/top_k=4,cast --out benchmarks/batch --resume
 
+# The README's sampling table: two runs, one directory each (HumanEval: 8 prompts; MT-bench: 4 conversations).
 bench-sampling: install models
-	$(BIN)/castspec bench --dataset humaneval --dataset spec-bench:$(SPEC_BENCH):mt-bench --num-prompts 8 \
-	  --max-new-tokens 128 --temperature 1.0 --seed 0 --methods ar,hf-assisted,cast --out benchmarks/sampling --resume
+	$(BIN)/castspec bench --dataset humaneval --num-prompts 8 --max-new-tokens 128 --temperature 1.0 --seed 0 \
+	  --methods ar,hf-assisted,cast --out benchmarks/sampling-humaneval --resume
+	$(BIN)/castspec bench --dataset spec-bench:$(SPEC_BENCH):mt-bench --num-prompts 4 --max-new-tokens 128 \
+	  --temperature 1.0 --seed 0 --methods ar,hf-assisted,cast --out benchmarks/sampling-mt-bench --resume
 
 # On a CUDA machine: the exactness tests on the GPU (tiny models in float32, the real pair in bfloat16) and a 4-prompt
 # HumanEval bench (ar, eagle2, cast), summed up in runs/gpu-check/results.md. Without a GPU: one line, success.
