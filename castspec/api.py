@@ -15,6 +15,7 @@ from castspec.cost.table import OnlineCosts
 from castspec.engine import SpeculativeGenerator
 from castspec.errors import CastspecError
 from castspec.models.attention import use_grouped_attention
+from castspec.models.formats import quantize_int8_rows
 from castspec.models.kernels import quantize_draft_int8, use_fast_cpu_linears
 from castspec.models.load import load_model, resolve_model_dir
 from castspec.policies import TreePolicy, make_policy
@@ -22,12 +23,13 @@ from castspec.policies import TreePolicy, make_policy
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
 DEFAULT_POLICY = "cast"
+TARGET_DTYPES = ("fp32", "int8")
 
 
 def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRAFT,
                    policy: TreePolicy | str = DEFAULT_POLICY, device: str = "cpu", fast_kernels: bool = True,
                    draft_quant: str = "int8", cost_table: str | None = None,
-                   max_batch_size: int = 1) -> SpeculativeGenerator:
+                   max_batch_size: int = 1, target_dtype: str = "fp32") -> SpeculativeGenerator:
     """Load models and build a `SpeculativeGenerator`.
 
     On CPU, `fast_kernels` runs every fp32 linear of both models on oneDNN with pre-packed weights (the `ar`
@@ -37,10 +39,19 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRA
     `cost_table`, or the one cached for this device and pair, or a quick profile made now; pass the largest batch
     you will give `generate_batch` as `max_batch_size`, so the profile covers it (else costs are looked up for the
     wrong batch size, with a warning).
+
+    `target_dtype` is the target's format: "fp32" (the GGUF's weights dequantized, the exact reference) or "int8"
+    (CPU only: int8 weights per output channel, activations scaled per row so each token's logits are bitwise
+    independent of what else shares the forward; ~3x fewer bytes per step, a different model than fp32 — greedy
+    output equals *its own* plain decoding, see `castspec.models.formats`).
     """
     policy = make_policy(policy) if isinstance(policy, str) else policy
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise CastspecError(f"max_batch_size must be a whole number >= 1, got {max_batch_size!r}")
+    if target_dtype not in TARGET_DTYPES:
+        raise CastspecError(f"target_dtype must be one of {', '.join(TARGET_DTYPES)}, got '{target_dtype}'")
+    if target_dtype == "int8" and str(device).split(":")[0] != "cpu":
+        raise CastspecError("--target-dtype int8 runs on the CPU only (fbgemm kernels); use fp32 on a GPU")
     if draft_quant not in ("int8", "none"):
         raise CastspecError(f"draft_quant must be 'int8' or 'none', got '{draft_quant}'")
     target_model, tokenizer = load_model(target, device=device)
@@ -55,6 +66,8 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRA
     for model in filter(None, (target_model, draft_model)):
         use_grouped_attention(model)
     on_cpu = torch.device(device).type == "cpu"
+    if target_dtype == "int8":
+        quantize_int8_rows(target_model)
     if on_cpu and draft_model is not None and draft_quant == "int8":
         quantize_draft_int8(draft_model)
     if on_cpu and fast_kernels:

@@ -146,6 +146,9 @@ def _model_arguments(parser: argparse.ArgumentParser, target: str, draft: str) -
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--draft-quant", choices=["int8", "none"], default="int8",
                         help="run the draft's linears in int8 on CPU (lossless: the target decides every token)")
+    parser.add_argument("--target-dtype", choices=["fp32", "int8"], default="fp32",
+                        help="the target's format: fp32 (the packaged weights, dequantized) or int8 (CPU: per-channel "
+                             "weights, per-row activations; output is exactly int8 plain decoding's, not fp32's)")
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -171,7 +174,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 contexts=_int_list(args.contexts, "--contexts"), tokens=_int_list(args.tokens, "--tokens"),
                 repeats=args.repeats)
     gen = load_generator(args.target, args.draft, "chain", device=args.device, fast_kernels=not args.no_fast_kernels,
-                         draft_quant=args.draft_quant)
+                         draft_quant=args.draft_quant, target_dtype=args.target_dtype)
     models = {"target": gen.target.model, "draft": gen.drafter.runner.model}
     table = profile(models, grid)
     out = args.out or table_path(expected_meta(models), castspec_home())
@@ -214,7 +217,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     datasets = args.dataset or ["humaneval"]
     prompts = [p for dataset in datasets for p in load_prompts(dataset, args.num_prompts, args.seed)]
     config = BenchConfig(target=args.target, draft=args.draft, methods=methods, max_new_tokens=args.max_new_tokens,
-                         device=args.device, draft_quant=args.draft_quant, cost_table=args.cost_table,
+                         device=args.device, draft_quant=args.draft_quant, target_dtype=args.target_dtype,
+                         cost_table=args.cost_table,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          batch_sizes=batch_sizes, datasets=datasets, num_prompts=args.num_prompts)
     command = "castspec " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--report-only")
@@ -283,7 +287,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     policy = make_policy(args.policy)
     gen = load_generator(args.target, args.draft if policy.uses_draft else None, policy, device=args.device,
                          fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
-                         cost_table=args.cost_table, max_batch_size=min(args.batch_size, len(prompts)))
+                         target_dtype=args.target_dtype, cost_table=args.cost_table,
+                         max_batch_size=min(args.batch_size, len(prompts)))
     if args.batch_size > 1:
         return _generate_batches(args, gen, prompts)
     gen.generate(prompt, max_new_tokens=2, chat=args.chat)  # warm-up: first-call allocations are not speed

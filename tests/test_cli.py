@@ -134,6 +134,8 @@ BENCH = ["bench", "--target", "{target}", "--draft", "{draft}", "--out", "{tmp}/
     (GEN + ["--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1"),
     (GEN + ["--max-new-tokens", "ten"], "argument --max-new-tokens: expected a whole number"),
     (["generate", "--bogus"], "unrecognized arguments: --bogus"),
+    (["generate", "--target-dtype", "int8", "--device", "cuda"], "--target-dtype int8 runs on the CPU only"),
+    (["generate", "--target-dtype", "int4"], "invalid choice: 'int4'"),
     (["profile", "--batch-sizes", "0,2"], "--batch-sizes needs positive whole numbers"),
     # bench: the same flags, the same errors
     (BENCH + ["--batch-size", "0"], "--batch-size needs positive whole numbers"),

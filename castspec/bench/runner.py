@@ -42,6 +42,7 @@ class BenchConfig:
     max_new_tokens: int = 128
     device: str = "cpu"
     draft_quant: str = "int8"
+    target_dtype: str = "fp32"
     warmup: bool = True
     temperature: float = 0.0
     top_k: int = 0
@@ -56,7 +57,10 @@ class BenchConfig:
         """What must match for a resumed run to continue the same measurement."""
         keep = ("target", "draft", "methods", "max_new_tokens", "device", "draft_quant", "temperature", "top_k",
                 "top_p", "seed", "batch_sizes", "datasets", "num_prompts")
-        return {k: v for k, v in asdict(self).items() if k in keep}
+        out = {k: v for k, v in asdict(self).items() if k in keep}
+        if self.target_dtype != "fp32":  # runs recorded before formats existed were fp32 and stay resumable
+            out["target_dtype"] = self.target_dtype
+        return out
 
 
 @dataclass
@@ -135,7 +139,8 @@ class MethodRunner:
         needs_draft = any(m == "hf-assisted" or (m not in HF_METHODS and make_policy(m).uses_draft)
                           for m in config.methods)
         base = load_generator(config.target, config.draft if needs_draft else None,
-                              "chain" if needs_draft else "ar", device=config.device, draft_quant=config.draft_quant)
+                              "chain" if needs_draft else "ar", device=config.device, draft_quant=config.draft_quant,
+                              target_dtype=config.target_dtype)
         self.tokenizer = base.tokenizer
         self.target_model = base.target.model
         self.draft_model = base.drafter.runner.model if base.drafter else None

@@ -327,17 +327,21 @@ def _is_int8_dynamic_linear(module: nn.Module) -> bool:
 
 
 def describe_kernels(model: nn.Module) -> str:
-    """Name the kernels `model` runs: linears "stock", "onednn-fp32", "int8-dynamic" (several joined by "+"), plus
-    "+grouped-attn" when its attention is `castspec.models.attention.grouped_sdpa_attention`."""
+    """Name the kernels `model` runs: linears "stock", "onednn-fp32", "int8-dynamic", "int8-rows" (several joined by
+    "+"), plus "+grouped-attn" when its attention is `castspec.models.attention.grouped_sdpa_attention`."""
+    from castspec.models.formats import RowInt8Linear
+
     kinds = set()
     for module in model.modules():
-        if isinstance(module, OneDNNLinear):
+        if isinstance(module, RowInt8Linear):
+            kinds.add("int8-rows")
+        elif isinstance(module, OneDNNLinear):
             kinds.add("onednn-fp32")
         elif _is_int8_dynamic_linear(module):
             kinds.add("int8-dynamic")
         elif isinstance(module, nn.Linear):
             kinds.add("stock")
-    order = ["int8-dynamic", "onednn-fp32", "stock"]
+    order = ["int8-rows", "int8-dynamic", "onednn-fp32", "stock"]
     linears = "+".join(k for k in order if k in kinds) or "stock"
     from castspec.models.attention import ATTENTION_NAME
 
