@@ -107,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="compare decoding methods on standard prompts (speed, acceptance, identical output)",
         description="Run every method on the same prompts, interleaved per prompt, after a warm-up. Writes "
                     "results.json, results.md and plots to --out. Methods: ar (plain decoding, our loop), hf (stock "
-                    "transformers generate), hf-assisted (stock generate with assistant_model), or any --policy spec.",
+                    "transformers generate), hf-assisted (stock generate with assistant_model), llama.cpp (plain "
+                    "greedy decoding of the target's GGUF by llama.cpp through llama-cpp-python, an optional "
+                    "dependency: pip install 'castspec[llamacpp]'; batch 1, greedy only; its output may differ "
+                    "from ar's, different arithmetic), or any --policy spec.",
         formatter_class=_HelpFormatter)
     _model_arguments(bench, DEFAULT_TARGET, DEFAULT_DRAFT)
     bench.add_argument("--dataset", action="append", default=None,
@@ -119,14 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens to generate at most per prompt (per turn, for multi-turn prompts)")
     bench.add_argument("--methods", default=f"ar,hf,{DEFAULT_POLICY}",
                        help="comma-separated; separate a method's own parameters with '/' instead of ',' "
-                            "(e.g. eagle2:total_tokens=16/depth=4)")
+                            "(e.g. eagle2:total_tokens=16/depth=4); ar, hf, hf-assisted, llama.cpp or a policy spec")
+    bench.add_argument("--gguf", default=None,
+                       help="GGUF file the llama.cpp method decodes (default: the built-in target's own GGUF, "
+                            "assembled once into the cache from its packages)")
     _sampling_arguments(bench, seed=0, seed_help="prompt choice and sampling seed")
     bench.add_argument("--cost-table", default=None,
                        help="cost table for cast methods (default: the cached one, else a quick profile for the "
                             "batch sizes of --batch-size)")
     bench.add_argument("--batch-size", default="1",
                        help="comma-separated batch sizes, e.g. 1,2,4,8: prompts are decoded B at a time by every "
-                            "method (hf-assisted: batch 1 only, as in transformers)")
+                            "method (hf-assisted and llama.cpp: batch 1 only)")
     bench.add_argument("--resume", action="store_true",
                        help="continue an interrupted run in --out (same settings): measured prompts are kept")
     bench.add_argument("--report-only", action="store_true",
@@ -214,13 +220,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     methods = _bench_methods(args.methods)
     batch_sizes = _int_list(args.batch_size, "--batch-size")
     _sampling(args)  # validate before loading prompts or models
+    if not args.report_only:
+        _check_llamacpp(args, methods)
     datasets = args.dataset or ["humaneval"]
     prompts = [p for dataset in datasets for p in load_prompts(dataset, args.num_prompts, args.seed)]
     config = BenchConfig(target=args.target, draft=args.draft, methods=methods, max_new_tokens=args.max_new_tokens,
                          device=args.device, draft_quant=args.draft_quant, target_dtype=args.target_dtype,
                          cost_table=args.cost_table,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                         batch_sizes=batch_sizes, datasets=datasets, num_prompts=args.num_prompts)
+                         batch_sizes=batch_sizes, datasets=datasets, num_prompts=args.num_prompts, gguf=args.gguf)
     command = "castspec " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--report-only")
     if args.report_only:
         previous = args.out / "results.json"
@@ -241,16 +249,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_methods(text: str) -> list[str]:
     """The --methods list, each policy spec checked now (a typo should not wait for the models to load)."""
-    from castspec.bench.runner import HF_METHODS
+    from castspec.bench.runner import is_policy
     from castspec.policies import make_policy
 
     methods = [m.strip().replace("/", ",") for m in text.split(",") if m.strip()]
     if not methods:
         raise CastspecError("--methods is empty; e.g. --methods ar,hf,cast")
     for method in methods:
-        if method not in HF_METHODS:
+        if is_policy(method):
             make_policy(method)
     return methods
+
+
+def _check_llamacpp(args: argparse.Namespace, methods: list[str]) -> None:
+    """The llama.cpp method's needs, checked before anything loads: llama-cpp-python, greedy, a GGUF to decode."""
+    from castspec.bench.llamacpp import check_llamacpp_settings, gguf_for, is_llamacpp_method, require_llamacpp
+
+    if not any(is_llamacpp_method(m) for m in methods):
+        if args.gguf:
+            raise CastspecError("--gguf is for the llama.cpp method, which --methods does not include")
+        return
+    require_llamacpp(methods)
+    check_llamacpp_settings(methods, args.temperature)
+    gguf_for(args.target, args.gguf, assemble=False)
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser, seed: int | None = None,

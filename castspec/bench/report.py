@@ -7,7 +7,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-BASELINES = ("ar", "hf", "hf-assisted")
+from castspec.bench.llamacpp import DIFFERENT_ARITHMETIC, is_llamacpp_method
+
+BASELINES = ("ar", "hf", "hf-assisted", "llama.cpp")
 
 
 def write_report(results: dict[str, Any], out_dir: Path, command: str) -> list[Path]:
@@ -34,7 +36,9 @@ def markdown_report(results: dict[str, Any]) -> str:
               f"Environment: {env['cpu']}, {env['threads']} threads, torch {env['torch']}, "
               f"transformers {env['transformers']}; target kernels {env['target_kernels']}"
               + (f", draft kernels {env['draft_kernels']}" if "draft_kernels" in env else "")
-              + f"; commit {env.get('commit')}; {env['date']}", ""]
+              + f"; commit {env.get('commit')}; {env['date']}"
+              + (f"; load average at start {' / '.join(str(x) for x in env['load_avg'])} (1/5/15 min) on "
+                 f"{env.get('cores')} cores" if env.get("load_avg") else ""), ""]
     if len(results.get("sessions", [])) > 1:
         lines += _sessions_table(results) + [""]
     if len(by_batch) > 1:
@@ -43,6 +47,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         if len(by_batch) > 1:
             lines += [f"## Batch size {batch}", ""]
         lines += _method_table(part["summary"]) + [""]
+        lines += _llamacpp_note(part["summary"], env)
         if len(part["by_task"]) > 1:
             lines += _task_table(part["by_task"]) + _decode_table(part["by_task"]) + [""]
         lines += _divergences(part["summary"])
@@ -82,6 +87,25 @@ def _method_table(summary: dict[str, Any]) -> list[str]:
                      f"{_num(s.get('mean_verified_nodes'))} | {_pct(s.get('identical_to_ar'))} | "
                      f"{_gb(s.get('peak_rss_mb'))} ({_gb(s.get('peak_anon_mb'))}) | {len(s['failed'])} |")
     return lines
+
+
+def _llamacpp_note(summary: dict[str, Any], env: dict[str, Any]) -> list[str]:
+    """What the llama.cpp rows are, with their decode-only speed beside the end-to-end one."""
+    lines = []
+    info = env.get("llamacpp") or {}
+    for method, s in summary.items():
+        if not is_llamacpp_method(method) or not s.get("tokens_per_s"):
+            continue
+        gguf = info.get("gguf") or {}
+        lines.append(
+            f"`{method}`: plain greedy decoding of {Path(gguf.get('path', '?')).name} ({gguf.get('source', '?')}) "
+            f"by llama.cpp (llama-cpp-python {info.get('llama_cpp_python', '?')}, {info.get('threads', '?')} "
+            f"threads, same prompt token ids, budget and EOS ids): {s['tokens_per_s']:.2f} tokens/s end to end, "
+            f"{_num(s.get('decode_tokens_per_s'), 2)} tokens/s decode only (prefill {_num(s.get('prefill_s'), 2)} s "
+            f"of {s['wall_s']:.2f} s), 1 token per step; identical to `ar` on {_pct(s.get('identical_to_ar'))} of "
+            f"the prompts; " + DIFFERENT_ARITHMETIC + ". llama.cpp with as "
+            "many threads as cores stalls when another process shares the cores: see the load average above.")
+    return lines + [""] if lines else []
 
 
 def _task_table(by_task: dict[str, Any]) -> list[str]:
@@ -151,7 +175,9 @@ def _divergences(summary: dict[str, Any]) -> list[str]:
         return []
     lines = ["Outputs that differ from `ar` (first differing token; logit gap = target's logit of ar's token minus "
              "that of the other method's token, measured by a plain forward):", ""]
-    lines += [f"- `{m}` on {d['prompt']}: token {d.get('index')}, gap {d.get('logit_gap')}" for m, d in diverged]
+    lines += [f"- `{m}` on {d['prompt']}: token {d.get('index')}, gap {d.get('logit_gap')}"
+              + (" (expected for llama.cpp: different arithmetic, not an exactness failure)"
+                 if is_llamacpp_method(m) else "") for m, d in diverged]
     return lines + [""]
 
 
@@ -226,7 +252,7 @@ def _plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.legend(fontsize=7)
         paths.append(_save(fig, out_dir / "batch_sizes.png"))
 
-    spec = [m for m in methods if "accept_len_histogram" in summary[m] and m != "ar"]
+    spec = [m for m in methods if "accept_len_histogram" in summary[m] and m not in BASELINES]
     if spec:
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.8 / len(spec)

@@ -2,16 +2,20 @@
 
 Methods: `ar` (our loop, plain decoding, same fast kernels as every speculative method), `hf` (stock
 `transformers` `generate`, stock kernels: what a user gets out of the box), `hf-assisted` (stock
-`generate(assistant_model=draft)`, batch 1 only in transformers), and any tree policy spec (`chain:gamma=4`,
-`static`, `eagle2:total_tokens=16`). Prompts are grouped into batches of each requested batch size (within a task);
-all methods run one after the other on each group, so slow drift of the machine hits all of them alike.
-Each finished group is appended to `records.jsonl` in the output directory, so an interrupted run can be resumed.
+`generate(assistant_model=draft)`, batch 1 only in transformers), `llama.cpp` (plain greedy decoding of the
+target's GGUF by llama.cpp, batch 1 only; optional, see `castspec/bench/llamacpp.py`) and any tree policy spec
+(`chain:gamma=4`, `static`, `eagle2:total_tokens=16`). Prompts are grouped into batches of each requested batch
+size (within a task); all methods run one after the other on each group, so slow drift of the machine hits all
+of them alike. Each finished group is appended to `records.jsonl` in the output directory, so an interrupted run
+can be resumed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import sys
 import threading
 import time
 import traceback
@@ -24,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from castspec.bench.datasets import Prompt
+from castspec.bench.llamacpp import is_llamacpp_method
 from castspec.cost.profiler import cpu_description, load_or_profile
 from castspec.cost.table import OnlineCosts
 from castspec.engine import SpeculativeGenerator, _eos_ids
@@ -31,6 +36,13 @@ from castspec.errors import CastspecError
 from castspec.policies import make_policy
 
 HF_METHODS = ("hf", "hf-assisted")
+BATCH1_ONLY = {"hf-assisted": "transformers' assisted generation supports batch size 1 only",
+               "llama.cpp": "the llama.cpp method decodes one prompt at a time (batch size 1 only)"}
+
+
+def is_policy(method: str) -> bool:
+    """True for castspec's own methods (a policy spec), False for the outside baselines (hf, llama.cpp)."""
+    return method not in HF_METHODS and not is_llamacpp_method(method)
 RECORDS_FILE = "records.jsonl"
 
 
@@ -52,6 +64,7 @@ class BenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     datasets: list[str] = field(default_factory=list)
     num_prompts: int = 0
+    gguf: str | None = None  # the llama.cpp method's GGUF (default: the built-in target's own)
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a resumed run to continue the same measurement."""
@@ -60,6 +73,8 @@ class BenchConfig:
         out = {k: v for k, v in asdict(self).items() if k in keep}
         if self.target_dtype != "fp32":  # runs recorded before formats existed were fp32 and stay resumable
             out["target_dtype"] = self.target_dtype
+        if self.gguf:
+            out["gguf"] = self.gguf
         return out
 
 
@@ -130,13 +145,17 @@ class MethodRunner:
 
     def __init__(self, config: BenchConfig):
         from castspec.api import load_generator
+        from castspec.bench.llamacpp import check_llamacpp_settings, require_llamacpp
         from castspec.models.load import load_model
 
         self.config = config
+        self.load_at_start = os.getloadavg()  # before our own model loading adds to it
         for method in config.methods:
-            if method not in HF_METHODS:
+            if is_policy(method):
                 make_policy(method)  # fail early on a bad method name or parameter
-        needs_draft = any(m == "hf-assisted" or (m not in HF_METHODS and make_policy(m).uses_draft)
+        require_llamacpp(config.methods)
+        check_llamacpp_settings(config.methods, config.temperature)
+        needs_draft = any(m == "hf-assisted" or (is_policy(m) and make_policy(m).uses_draft)
                           for m in config.methods)
         base = load_generator(config.target, config.draft if needs_draft else None,
                               "chain" if needs_draft else "ar", device=config.device, draft_quant=config.draft_quant,
@@ -145,7 +164,7 @@ class MethodRunner:
         self.target_model = base.target.model
         self.draft_model = base.drafter.runner.model if base.drafter else None
         self.eos_ids = _eos_ids(self.target_model, self.tokenizer)
-        policies = {m: make_policy(m) for m in config.methods if m not in HF_METHODS}
+        policies = {m: make_policy(m) for m in config.methods if is_policy(m)}
         table = None
         if any(getattr(p, "needs_costs", False) for p in policies.values()):
             table = load_or_profile({"target": self.target_model, "draft": self.draft_model},
@@ -158,6 +177,22 @@ class MethodRunner:
             self.stock_target, _ = load_model(config.target, device=config.device)
         if "hf-assisted" in config.methods:
             self.stock_draft, _ = load_model(config.draft, device=config.device)
+        self.llamacpp = None
+        if any(is_llamacpp_method(m) for m in config.methods):
+            from castspec.bench.llamacpp import LlamaCppPlain, gguf_for
+
+            threads = torch.get_num_threads()
+            if self.load_at_start[0] >= 1.0 and threads >= (os.cpu_count() or 1):
+                print(f"castspec: warning: the machine's load is {self.load_at_start[0]:.1f} on {os.cpu_count()} "
+                      f"cores; llama.cpp with {threads} threads stalls when another process shares the cores, so "
+                      f"its numbers may be far too low (the load is recorded with the results)", file=sys.stderr)
+            self.llamacpp = LlamaCppPlain(gguf_for(config.target, config.gguf), threads=threads)
+
+    def close(self) -> None:
+        """Free what is not Python-managed (llama.cpp's model and context)."""
+        if self.llamacpp is not None:
+            self.llamacpp.close()
+            self.llamacpp = None
 
     def encode(self, prompt: Prompt, history: list[dict[str, str]] | None = None) -> list[int]:
         """Token ids of a prompt's first turn, or of the whole conversation so far plus the next user turn."""
@@ -193,6 +228,10 @@ class MethodRunner:
         """One batch of prompts (token ids) -> per-row new tokens, the batch's wall time, per-step statistics."""
         if method in HF_METHODS:
             return self._run_hf(method, ids, max_new_tokens)
+        if is_llamacpp_method(method):
+            if len(ids) > 1:
+                raise CastspecError(BATCH1_ONLY["llama.cpp"])
+            return self.llamacpp.generate(ids[0], max_new_tokens, self.eos_ids)
         c = self.config
         results = self.generators[method].generate_batch(ids, max_new_tokens=max_new_tokens,
                                                          temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
@@ -268,6 +307,15 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out_dir: Path | None =
     done, starts = _load_records(out_dir, config, resume)
     todo = [g for g in groups if g.id not in done]
     runner = MethodRunner(config)
+    try:
+        return _run_groups(runner, config, prompts, groups, done, starts, todo, out_dir, on_group)
+    finally:
+        runner.close()
+
+
+def _run_groups(runner: MethodRunner, config: BenchConfig, prompts: list[Prompt], groups: list[Group],
+                done: dict[str, Any], starts: list[dict], todo: list[Group], out_dir: Path | None,
+                on_group: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     env = environment(runner)
     starts.append({"started": env["date"], "environment": env, "groups_done_before": len(done)})
     log = _open_log(out_dir, config, env, fresh=not done)
@@ -321,8 +369,8 @@ def _measure_group(runner: MethodRunner, group: Group, config: BenchConfig, rss:
     for method in config.methods:
         bar.set_postfix_str(f"{group.id} {method}")
         before = rss.reset()
-        if method == "hf-assisted" and group.batch_size > 1:
-            per_method[method] = {"skipped": "transformers' assisted generation supports batch size 1 only"}
+        if method in BATCH1_ONLY and group.batch_size > 1:
+            per_method[method] = {"skipped": BATCH1_ONLY[method]}
         else:
             try:
                 per_method[method] = runner.run_group(method, group.prompts, config.max_new_tokens)
@@ -474,12 +522,15 @@ def environment(runner: MethodRunner) -> dict[str, Any]:
 
     config = runner.config
     env = {"device": config.device, "cpu": cpu_description(), "threads": torch.get_num_threads(),
+           "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in runner.load_at_start],
            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
            "target": model_identity(config.target), "target_kernels": describe_kernels(runner.target_model),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _git_commit()}
     if runner.draft_model is not None:
         env["draft"] = model_identity(config.draft)
         env["draft_kernels"] = describe_kernels(runner.draft_model)
+    if runner.llamacpp is not None:
+        env["llamacpp"] = runner.llamacpp.describe()
     return env
 
 

