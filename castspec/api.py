@@ -14,7 +14,7 @@ from castspec.cost.profiler import load_or_profile
 from castspec.cost.table import OnlineCosts
 from castspec.engine import SpeculativeGenerator
 from castspec.errors import CastspecError
-from castspec.models.attention import use_grouped_attention
+from castspec.models.attention import use_tree_attention
 from castspec.models.formats import quantize_int8_rows
 from castspec.models.kernels import quantize_draft_int8, use_fast_cpu_linears
 from castspec.models.load import load_model, resolve_model_dir
@@ -64,7 +64,7 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRA
         if not same:
             check_same_tokenizer(tokenizer, draft_tokenizer, target, draft)
     for model in filter(None, (target_model, draft_model)):
-        use_grouped_attention(model)
+        use_tree_attention(model)
     on_cpu = torch.device(device).type == "cpu"
     if target_dtype == "int8":
         quantize_int8_rows(target_model)

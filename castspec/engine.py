@@ -139,7 +139,8 @@ class SpeculativeGenerator:
         self.costs = costs
         self.tokenizer = tokenizer
         self.target = CausalLMRunner(target)
-        self.drafter = DraftLM(CausalLMRunner(draft)) if draft is not None and self.policy.uses_draft else None
+        uses_draft = draft is not None and self.policy.uses_draft
+        self.drafter = DraftLM(CausalLMRunner(draft, canonical=False)) if uses_draft else None  # proposes only
         if self.drafter is not None:
             check_same_vocabulary(target, draft)
         self.vocab_size = target.get_input_embeddings().weight.shape[0]  # valid token ids: 0 .. vocab_size - 1

@@ -232,25 +232,32 @@ def test_tied_embeddings_survive_both_transforms(arch, ids):
         draft.generate(ids[:1], max_new_tokens=6, do_sample=False)
 
 
-def test_grouped_attention_equals_stock_sdpa_without_copying_the_cache():
-    """Folding grouped query heads into the query axis gives stock SDPA's result for a tree mask."""
+def test_tree_attention_equals_stock_sdpa_without_copying_the_cache():
+    """Folding grouped query heads into the query axis gives stock SDPA's result for a tree mask, and so does the
+    canonical (chunked, position-ordered) computation targets use."""
     from types import SimpleNamespace
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from castspec.models.attention import ATTENTION_NAME, grouped_sdpa_attention
+    from castspec.models.attention import ATTENTION_NAME, key_layout, tree_attention
     from castspec.models.runner import CausalLMRunner
     from tests.conftest import tiny_model
 
     torch.manual_seed(0)
     module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
-    query = torch.randn(2, 6, 5, 8, dtype=torch.float64)
-    key, value = torch.randn(2, 2, 11, 8, dtype=torch.float64), torch.randn(2, 2, 11, 8, dtype=torch.float64)
-    allowed = torch.rand(2, 1, 5, 11) > 0.4
-    allowed[..., -5:] |= torch.eye(5, dtype=torch.bool)
-    for mask in (allowed, torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, -1e300)):
-        ours, _ = grouped_sdpa_attention(module, query, key, value, mask, scaling=0.3)
-        stock, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    slots, n = 75, 5
+    query = torch.randn(2, 6, n, 8, dtype=torch.float64)
+    key, value = torch.randn(2, 2, slots, 8, dtype=torch.float64), torch.randn(2, 2, slots, 8, dtype=torch.float64)
+    allowed = torch.rand(2, n, slots) > 0.4
+    allowed[:, :, -n:] = torch.eye(n, dtype=torch.bool)  # each query sees itself among the new slots
+    allowed[:, :, :40] = True  # and a committed prefix
+    mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, -1e300)[:, None]
+    key_pos = torch.arange(slots).expand(2, -1).clone()
+    key_pos[:, -n:] = 70  # every query at the same position
+    layout = key_layout(allowed, key_pos, torch.full((2, n), 70))
+    stock, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    for extra in ({}, {"castspec_layout": layout}):
+        ours, _ = tree_attention(module, query, key, value, mask, scaling=0.3, **extra)
         torch.testing.assert_close(ours, stock, atol=1e-12, rtol=1e-12)
     model = tiny_model("qwen2", seed=1)
     CausalLMRunner(model)

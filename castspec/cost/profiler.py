@@ -116,7 +116,7 @@ def profile(models: dict[str, Any], grid: Grid, progress: bool = True) -> CostTa
     ms: dict[str, list[list[list[float | None]]]] = {
         role: [[[None] * len(grid.tokens) for _ in grid.contexts] for _ in grid.batch_sizes] for role in models}
     for role, b, c in cells:
-        runner = CausalLMRunner(models[role])
+        runner = CausalLMRunner(models[role], canonical=role != "draft")  # as the engine runs it
         _synthetic_context(runner, b, c)
         _time_forward(runner, 1)  # warm-up once per cell: first-touch allocations are not the model's cost
         for ni, n in enumerate(grid.tokens):

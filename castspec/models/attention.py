@@ -1,56 +1,210 @@
-"""Grouped-query attention over a tree mask without copying the KV cache.
+"""Attention over a tree mask: no KV copy for grouped heads, and, for targets, a result per query that is bitwise the
+same whichever other queries share the forward and wherever its keys sit in the cache.
 
-Stock `transformers` SDPA attention, given an explicit mask and more than one query token, expands the cached keys
-and values of every grouped-query layer to all query heads (`repeat_kv`) before calling SDPA: a full copy of the
-cache per layer per forward. Tree verification and draft expansion always run that way (several tokens, a 4D tree
-mask), and the copy grows with batch x context: at batch 8 and 1024 cached tokens it was most of the forward's time
-on the CPU here (a 2-token forward cost 4x a 1-token one; single-token decoding already avoids the copy).
+Stock `transformers` SDPA attention has two problems for tree verification:
 
-`grouped_sdpa_attention` folds each group's query heads into the query axis instead: queries [B, H, n, d] become
-[B, H_kv, (H / H_kv) * n, d], the mask (shared by the heads) is tiled to match, and SDPA runs directly on the
-cached [B, H_kv, S, d] keys and values. Same arithmetic per (head, query, key), no cache copy. It is registered
-with `transformers`' attention interface (a stock extension point; no modeling file is touched) and falls back to
-the stock SDPA function whenever its preconditions do not hold.
+* Given an explicit mask and several query tokens, it expands the cached keys and values of every grouped-query
+  layer to all query heads (`repeat_kv`): a full copy of the cache per layer per forward (at batch 8 and 1024 cached
+  tokens that copy was most of the forward's time on the CPU here). Folding each group's query heads into the query
+  axis (queries [B, H, n, d] -> [B, H_kv, (H / H_kv) * n, d], mask tiled to match) avoids it.
+* A query's result depends on its neighbours and on the layout of its keys: torch's kernels block the query axis, a
+  single query takes a matrix-vector path, and floating-point sums follow the key *slots*, while a tree node's
+  ancestors sit at other slots (with siblings in between) than the same tokens decoded one by one. In float32 that is
+  a near-tie flip now and then; in an integer target format activations are re-quantized at every linear, so one ulp
+  can cross a rounding step: on the int8 Qwen2.5-Coder-1.5B target, 7 of 8 HumanEval completions from `cast` left
+  plain decoding within 128 tokens (logit gaps up to 0.6) until this module computed attention canonically.
+
+Canonical attention (`KeyLayout` given, as the runner does for targets): a query at position p attends to its keys
+in *position* order 0..p, cut into fixed chunks of `CHUNK` positions counted from 0. Scores are exact dot products;
+the maximum is order-free; each chunk contributes exp-sums and an exp-weighted sum of values computed on a full
+`CHUNK`-wide block (positions the query does not see contribute exact zeros), and the chunks are added in order.
+Chunks whose keys sit at the slot of their position (the committed prefix, and any linear block: prefill, chains,
+plain decoding) are read in place; the rest (the tree part) are gathered per query. Plain decoding and tree
+verification then run the same arithmetic on the same numbers, so a node's logits equal, bitwise, those of its path
+decoded alone (tests pin this). A product never has a single row (a zero row is added): the matrix-vector path sums
+in another order.
+
+Registered with `transformers`' attention interface (a stock extension point; no modeling file is touched); falls
+back to stock SDPA whenever its preconditions do not hold (no 4D mask, dropout, soft-capping, extra inputs).
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-ATTENTION_NAME = "castspec_grouped_sdpa"
+from castspec.errors import CastspecError
+
+ATTENTION_NAME = "castspec_tree_attention"
+CHUNK = 32  # positions per canonical chunk (a multiple of every SIMD width, so no scalar tails in elementwise ops)
+QUERY_CHUNK = 1024  # folded query rows per product: bounds memory on long prompts (rows are independent)
 
 
-def grouped_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                           is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+@dataclass
+class KeyLayout:
+    """Where each query's keys are, in position order, for one forward (shared by all layers).
+
+    `in_place` [B]: positions below it (a multiple of CHUNK) sit at the slot of their position for every query of the
+    row, and each query sees exactly those below its own position. `tail` [B, n, W]: the slot holding position
+    `in_place + t` for query n (W a multiple of CHUNK), valid where `tail_valid`.
+    """
+
+    in_place: torch.Tensor
+    tail: torch.Tensor
+    tail_valid: torch.Tensor
+    in_place_max: int  # max of `in_place` (host value, read once per forward)
+
+
+def tree_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                   is_causal: bool | None = None, castspec_layout: KeyLayout | None = None,
+                   **kwargs) -> tuple[torch.Tensor, None]:
     groups = getattr(module, "num_key_value_groups", 1)
-    batch, heads, n, _ = query.shape
-    usable = (groups > 1 and n > 1 and attention_mask is not None and attention_mask.dim() == 4
-              and attention_mask.shape[1] == 1 and dropout == 0.0 and kwargs.get("position_bias") is None
-              and kwargs.get("cache") is None and key.shape[1] * groups == heads)
-    if not usable:
+    batch, heads, n, head_dim = query.shape
+    usable = (attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
+              and attention_mask.dtype != torch.bool and dropout == 0.0 and kwargs.get("position_bias") is None
+              and kwargs.get("cache") is None and key.shape[1] * groups == heads and kwargs.get("softcap") is None
+              and getattr(module, "attn_logit_softcapping", None) is None)
+    if not usable or (castspec_layout is None and (groups == 1 or n == 1)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    folded = query.reshape(batch, heads // groups, groups * n, query.shape[-1])
-    mask = attention_mask[:, :, :, : key.shape[2]].repeat(1, 1, groups, 1)
-    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
-    out = out.reshape(batch, heads, n, value.shape[-1]).transpose(1, 2).contiguous()
-    return out, None
+    scale = head_dim ** -0.5 if scaling is None else scaling
+    mask = attention_mask[:, :, :, : key.shape[2]]
+    if castspec_layout is None:  # drafts: fast, no cache copy, not canonical
+        folded = query.reshape(batch, heads // groups, groups * n, head_dim)
+        out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask.repeat(1, 1, groups, 1), scale=scale)
+        out = out.reshape(batch, heads, n, head_dim)
+    else:
+        step = max(1, QUERY_CHUNK // groups)
+        out = torch.cat([_canonical(query[:, :, i:i + step], key, value, mask[:, :, i:i + step], scale,
+                                    castspec_layout, slice(i, i + step)) for i in range(0, n, step)], dim=2)
+    return out.transpose(1, 2).contiguous(), None
 
 
-def use_grouped_attention(model: torch.nn.Module) -> bool:
-    """Switch a model that runs stock SDPA attention to `grouped_sdpa_attention`; False if it runs something else."""
+@functools.cache
+def row_tile(head_dim: int, dtype: torch.dtype, device: str) -> int:
+    """The row count whose multiples make this machine's matmuls row-independent, found by measurement.
+
+    BLAS kernels compute a product in tiles of rows; leftover rows (and single rows) take other kernels with another
+    summation order, so a row's result can depend on how many rows share the product. Products with a multiple of the
+    tile's height agree row for row. Tried on the two product shapes canonical attention uses.
+    """
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(head_dim, CHUNK), (CHUNK, head_dim)]
+    for tile in (4, 8, 16, 32, 64):
+        ok = True
+        for inner, cols in shapes:
+            a = torch.rand(6 * tile, inner, generator=generator).to(device=device, dtype=dtype)
+            b = torch.randn(inner, cols, generator=generator).to(device=device, dtype=dtype)
+            whole = a @ b
+            for rows in (tile, 2 * tile, 3 * tile):
+                starts = range(0, 6 * tile - rows + 1, tile)
+                ok &= all(torch.equal(a[i:i + rows] @ b, whole[i:i + rows]) for i in starts)
+        if ok:
+            return tile
+    raise CastspecError(f"no row tile makes {dtype} matmuls on {device} row-independent here: canonical attention "
+                        "cannot be exact on this machine")
+
+
+def _pad_rows(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """Zero rows appended along dim -2 up to a multiple of `tile` (see `row_tile`)."""
+    extra = -x.shape[-2] % tile
+    if not extra:
+        return x
+    return torch.cat([x, x.new_zeros(*x.shape[:-2], extra, x.shape[-1])], dim=-2)
+
+
+def _canonical(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float,
+               layout: KeyLayout, queries: slice) -> torch.Tensor:
+    """Attention of queries [B, H, n, d] in canonical order (module docstring); returns [B, H, n, d].
+
+    Every product has the same shape but for its row count, a multiple of `row_tile`: [rows, d] x [d, CHUNK] for
+    scores and [rows, CHUNK] x [CHUNK, d] for values. Rows are ordered (query, head of the group).
+    """
+    batch, heads, n, head_dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    tile = row_tile(head_dim, query.dtype, str(query.device))
+    lowest = torch.finfo(query.dtype).min
+    per_query = query.reshape(batch, kv_heads, groups, n, head_dim).transpose(2, 3)  # [B, H_kv, n, G, d]
+    rows = _pad_rows(per_query.reshape(batch, kv_heads, n * groups, head_dim), tile)
+    padded = rows.shape[2]
+    # chunks read in place: [B, H_kv, chunks, rows, CHUNK]
+    end = layout.in_place_max
+    chunks = end // CHUNK
+    keys = key[:, :, :end].reshape(batch, kv_heads, chunks, CHUNK, head_dim)
+    row_mask = _pad_rows(mask[:, :, :, :end].repeat_interleave(groups, dim=2), tile)  # [B, 1, rows, end]
+    own = torch.arange(end, device=query.device)[None, :] < layout.in_place[:, None]
+    row_mask = torch.where(own[:, None, None, :], row_mask, lowest).reshape(batch, 1, padded, chunks, CHUNK)
+    scores = torch.matmul(rows[:, :, None], keys.transpose(-1, -2)) * scale + row_mask.transpose(2, 3)
+    # chunks gathered per query (the tree part): [B, H_kv, n, W / CHUNK, G, CHUNK]
+    tail, valid = layout.tail[:, queries], layout.tail_valid[:, queries]
+    width = tail.shape[-1]
+    index = tail.reshape(batch, 1, n * width, 1).expand(batch, kv_heads, n * width, head_dim)
+    tail_keys = key.gather(2, index).reshape(batch, kv_heads, n, width // CHUNK, CHUNK, head_dim)
+    tail_values = value.gather(2, index).reshape(tail_keys.shape)
+    tail_mask = torch.where(valid, mask[:, 0].gather(2, tail), lowest).reshape(batch, 1, n, width // CHUNK, 1, CHUNK)
+    group_rows = _pad_rows(per_query, tile)[:, :, :, None]  # [B, H_kv, n, 1, Gp, d]
+    tail_scores = torch.matmul(group_rows, tail_keys.transpose(-1, -2)) * scale + tail_mask
+    # softmax over both parts, chunk by chunk in position order
+    top_in = (scores.amax(dim=(2, 4)) if chunks else scores.new_full((batch, kv_heads, padded), lowest))[
+        :, :, : n * groups]
+    top_tail = tail_scores.amax(dim=(3, 5))[:, :, :, :groups].reshape(batch, kv_heads, n * groups)
+    top = torch.maximum(top_in, top_tail)
+    weights = torch.exp(scores - _pad_rows(top[..., None], tile).reshape(batch, kv_heads, 1, padded, 1))
+    tail_weights = torch.exp(tail_scores - _pad_rows(top.reshape(batch, kv_heads, n, groups, 1), tile)[:, :, :, None])
+    values = value[:, :, :end].reshape(batch, kv_heads, chunks, CHUNK, head_dim)
+    parts = torch.matmul(weights, values)[:, :, :, : n * groups]  # [B, H_kv, chunks, rows, d]
+    tail_parts = torch.matmul(tail_weights, tail_values)[:, :, :, :, :groups]  # [B, H_kv, n, Wc, G, d]
+    sums = torch.cat([weights.sum(dim=-1)[:, :, :, : n * groups].transpose(2, 3),
+                      tail_weights.sum(dim=-1)[..., :groups].permute(0, 1, 2, 4, 3).reshape(
+                          batch, kv_heads, n * groups, -1)], dim=-1)
+    weighted = torch.cat([parts.transpose(2, 3), tail_parts.permute(0, 1, 2, 4, 3, 5).reshape(
+        batch, kv_heads, n * groups, -1, head_dim)], dim=-2)
+    total = sums.cumsum(dim=-1)[..., -1:]  # a sequential scan: chunks of zeros in between change nothing
+    out = torch.where(total > 0, weighted.cumsum(dim=-2)[..., -1, :] / total, 0.0)
+    return out.reshape(batch, kv_heads, n, groups, head_dim).transpose(2, 3).reshape(batch, heads, n, head_dim)
+
+
+def key_layout(allowed: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor,
+               query_valid: torch.Tensor | None = None) -> KeyLayout:
+    """The `KeyLayout` of a forward: `allowed` [B, n, S] which slots each query sees, `key_pos` [B, S] each slot's
+    position, `query_pos` [B, n]; padding queries (`query_valid` False) are ignored."""
+    batch, n, slots = allowed.shape
+    device = allowed.device
+    valid = torch.ones(batch, n, dtype=torch.bool, device=device) if query_valid is None else query_valid
+    slot = torch.arange(slots, device=device)
+    # a slot can be read in place if it holds its own position and exactly the queries at or after it see it
+    expected = query_pos[:, :, None] >= key_pos[:, None, :]
+    in_order = (key_pos == slot[None, :]) & ((allowed == expected) | ~valid[:, :, None]).all(dim=1)
+    linear_run = in_order.long().cumprod(dim=1).sum(dim=1)
+    in_place = torch.div(linear_run, CHUNK, rounding_mode="floor") * CHUNK
+    need = torch.where(valid, query_pos + 1 - in_place[:, None], 0).amax()
+    in_place_max, need = torch.stack([in_place.max(), need]).tolist()  # the forward's one host read
+    width = max(CHUNK, -(-need // CHUNK) * CHUNK)
+    offset = key_pos[:, None, :] - in_place[:, None, None]
+    keep = allowed & (slot[None, None, :] >= in_place[:, None, None]) & (offset >= 0) & (offset < width)
+    target = torch.where(keep, offset, width)  # column `width` collects everything else and is dropped
+    tail = torch.zeros(batch, n, width + 1, dtype=torch.long, device=device)
+    tail.scatter_(2, target, slot.expand(batch, n, slots).contiguous())
+    tail_valid = torch.zeros(batch, n, width + 1, dtype=torch.bool, device=device)
+    tail_valid.scatter_(2, target, keep)
+    return KeyLayout(in_place, tail[..., :width], tail_valid[..., :width], in_place_max)
+
+
+def use_tree_attention(model: torch.nn.Module) -> bool:
+    """Switch a model that runs stock SDPA attention to `tree_attention`; False if it runs something else."""
     config = model.config
     if getattr(config, "_attn_implementation", None) == ATTENTION_NAME:
         return True
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
-    if getattr(config, "num_key_value_heads", None) in (None, getattr(config, "num_attention_heads", None)):
-        return False  # no grouped heads: nothing to save
-    AttentionInterface.register(ATTENTION_NAME, grouped_sdpa_attention)
+    AttentionInterface.register(ATTENTION_NAME, tree_attention)
     _register_mask()
     model.set_attn_implementation(ATTENTION_NAME)
     return True

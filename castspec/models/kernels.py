@@ -328,7 +328,7 @@ def _is_int8_dynamic_linear(module: nn.Module) -> bool:
 
 def describe_kernels(model: nn.Module) -> str:
     """Name the kernels `model` runs: linears "stock", "onednn-fp32", "int8-dynamic", "int8-rows" (several joined by
-    "+"), plus "+grouped-attn" when its attention is `castspec.models.attention.grouped_sdpa_attention`."""
+    "+"), plus "+tree-attn" when its attention is `castspec.models.attention.tree_attention`."""
     from castspec.models.formats import RowInt8Linear
 
     kinds = set()
@@ -345,5 +345,5 @@ def describe_kernels(model: nn.Module) -> str:
     linears = "+".join(k for k in order if k in kinds) or "stock"
     from castspec.models.attention import ATTENTION_NAME
 
-    grouped = getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTENTION_NAME
-    return linears + ("+grouped-attn" if grouped else "")
+    tree_attn = getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTENTION_NAME
+    return linears + ("+tree-attn" if tree_attn else "")

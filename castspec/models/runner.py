@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from castspec.models.attention import use_grouped_attention
+from castspec.models.attention import key_layout, use_tree_attention
 from castspec.models.kv_cache import TreeKVCache
 
 # Slots reserved beyond prompt + budget for one step's speculative block; a step that needs more grows the cache.
@@ -23,9 +23,12 @@ BLOCK_RESERVE = 64
 class CausalLMRunner:
     """KV-cached forwards of one causal LM over a batch of rows."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, canonical: bool = True):
+        """`canonical`: attend in canonical order (`castspec.models.attention`), so a token's logits never depend on
+        what shares the forward. Targets need it; a draft may skip it (its output only proposes)."""
         self.model = model
-        use_grouped_attention(model)  # tree forwards attend to the cached K/V of grouped heads without copying it
+        self.canonical = canonical
+        use_tree_attention(model)  # no KV copy; a query's result never depends on the other queries
         self.config = model.config
         self.device = model.device
         self.dtype = model.dtype
@@ -106,9 +109,10 @@ class CausalLMRunner:
         if self.sliding_window is not None:
             near = (positions[:, :, None] - key_pos[:, None, :]) < self.sliding_window
             mask = {"full_attention": mask, "sliding_attention": self._additive(allowed & near)}
+        extra = {"castspec_layout": key_layout(allowed, key_pos, positions, token_valid)} if self.canonical else {}
         try:
             out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
+                             past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep, **extra)
         finally:
             self.cache.end_write(n)
         return out.logits
