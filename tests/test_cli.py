@@ -148,7 +148,7 @@ BENCH = ["bench", "--target", "{target}", "--draft", "{draft}", "--out", "{tmp}/
     (BENCH + ["--methods", "ar,eagle3"], "unknown policy 'eagle3'"),
     (BENCH + ["--methods", "ar,eagle2:top_k=500/depth=2"], "top_k=500 is larger than the vocabulary"),
     (BENCH + ["--dataset", "squad"], "unknown dataset"),
-    (BENCH + ["--gguf", "{tmp}/model.gguf"], "--gguf is for the llama.cpp method, which --methods does not include"),
+    (BENCH + ["--gguf", "{tmp}/model.gguf"], "are for the llama.cpp methods, which --methods does not include"),
 ])
 def test_bad_input_is_one_clear_error_line(pair, capsys, tmp_path, argv, message):
     """Every bad input: exit code 2, one stderr line `castspec: error: ...` saying what is wrong, no traceback."""

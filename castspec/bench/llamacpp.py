@@ -5,6 +5,12 @@ it dequantized to float32), decoded by llama.cpp's own quantized kernels, fed th
 same token budget and EOS ids and the bench's thread count. Its arithmetic differs from ours, so its output may
 differ from `ar`'s token for token; the bench reports the agreement and never counts a difference as a failure.
 
+`llama.cpp-spec:n=N` is llama.cpp's own speculative decoding (draft-model chains of up to N tokens, greedy) with the
+draft's GGUF: the `llama-speculative-simple` binary built from the same llama.cpp sources, run once per prompt. It
+takes a prompt as text, so the prompt ids are turned into text and checked to tokenize back to exactly those ids
+(with llama.cpp's own tokenizer) before it runs; it prints text, so its output ids are that text tokenized again.
+Its times are the binary's own (prompt processing, decode loop), without process start and model loading.
+
 llama-cpp-python is optional (`pip install 'castspec[llamacpp]'`, see the README for the build flags); nothing
 here imports it until the method is used.
 """
@@ -12,6 +18,9 @@ here imports it until the method is used.
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +28,9 @@ from typing import Any
 from castspec.errors import CastspecError
 
 PLAIN = "llama.cpp"
+SPEC = "llama.cpp-spec"
+SPEC_BINARY = "llama-speculative-simple"
+SPEC_BINARY_ENV = "CASTSPEC_LLAMA_SPECULATIVE"
 LLAMACPP_VERSION = "0.3.36"  # the pinned llama-cpp-python (pyproject's `llamacpp` extra)
 INSTALL_HINT = (f"pip install 'castspec[llamacpp]' (llama-cpp-python=={LLAMACPP_VERSION}; build flags in the "
                 f"README)")
@@ -29,7 +41,28 @@ _CTX_STEP = 1024
 
 
 def is_llamacpp_method(method: str) -> bool:
-    return method == PLAIN
+    return method == PLAIN or method.startswith(SPEC)
+
+
+def spec_draft_max(method: str) -> int:
+    """N of `llama.cpp-spec:n=N` (default 4)."""
+    found = re.fullmatch(re.escape(SPEC) + r"(?::n=(\d+))?", method)
+    if found is None or (found.group(1) is not None and int(found.group(1)) < 1):
+        raise CastspecError(f"bad method {method!r}: write {SPEC}:n=N with N >= 1 draft tokens per step "
+                            f"(e.g. {SPEC}:n=4)")
+    return int(found.group(1) or 4)
+
+
+def find_spec_binary(explicit: str | None) -> str:
+    """The `llama-speculative-simple` binary: `explicit`, else $CASTSPEC_LLAMA_SPECULATIVE, else on PATH."""
+    candidate = explicit or os.environ.get(SPEC_BINARY_ENV) or shutil.which(SPEC_BINARY)
+    if not candidate:
+        raise CastspecError(f"method {SPEC} needs llama.cpp's {SPEC_BINARY} binary: build it (see the README) and "
+                            f"pass --llama-speculative PATH or set {SPEC_BINARY_ENV}")
+    path = Path(candidate).expanduser()
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise CastspecError(f"--llama-speculative {candidate}: not an executable file")
+    return str(path.resolve())
 
 
 def require_llamacpp(methods: list[str]) -> None:
@@ -48,27 +81,32 @@ def require_llamacpp(methods: list[str]) -> None:
 
 
 def check_llamacpp_settings(methods: list[str], temperature: float) -> None:
-    if any(is_llamacpp_method(m) for m in methods) and temperature > 0:
-        raise CastspecError("method llama.cpp decodes greedily only; drop it or use --temperature 0")
+    wanted = [m for m in methods if is_llamacpp_method(m)]
+    for method in wanted:
+        if method != PLAIN:
+            spec_draft_max(method)
+    if wanted and temperature > 0:
+        raise CastspecError(f"method {wanted[0]} decodes greedily only; drop it or use --temperature 0")
 
 
-def gguf_for(model: str, explicit: str | None, assemble: bool = True) -> dict[str, Any] | None:
+def gguf_for(model: str, explicit: str | None, assemble: bool = True, role: str = "target",
+             flag: str = "--gguf") -> dict[str, Any] | None:
     """The GGUF llama.cpp loads for `model`: `explicit` if given, else the built-in model's own GGUF (assembled once
     from its packages, the very file castspec's float32 directory is converted from). `assemble=False` only checks
     that there is one (cheap, for validating the command line before loading anything)."""
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
-            raise CastspecError(f"--gguf {explicit}: no such file")
+            raise CastspecError(f"{flag} {explicit}: no such file")
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
-                raise CastspecError(f"--gguf {explicit}: not a GGUF file")
-        return {"path": str(path.resolve()), "size": path.stat().st_size, "source": "--gguf"}
+                raise CastspecError(f"{flag} {explicit}: not a GGUF file")
+        return {"path": str(path.resolve()), "size": path.stat().st_size, "source": flag}
     from castspec.models.packaged import BUILTIN_MODELS, gguf_info
 
     if model not in BUILTIN_MODELS:
-        raise CastspecError(f"method llama.cpp needs the target's GGUF file: --target {model} is not a built-in "
-                            f"model ({', '.join(BUILTIN_MODELS)}), so pass --gguf PATH")
+        raise CastspecError(f"the llama.cpp methods need the {role}'s GGUF file: --{role} {model} is not a built-in "
+                            f"model ({', '.join(BUILTIN_MODELS)}), so pass {flag} PATH")
     if not assemble:
         return None
     info = gguf_info(model)
@@ -139,3 +177,81 @@ class LlamaCppPlain:
         if self.llm is not None:
             self.llm.close()
             self.llm = None
+
+
+class LlamaCppSpec:
+    """llama.cpp's own speculative decoding: one `llama-speculative-simple` run per prompt (greedy, draft chains of
+    up to `n_max` tokens), with llama.cpp's tokenizer (vocabulary only) to hand it exactly the prompt ids."""
+
+    _TIMES = re.compile(r"(encoded|decoded)\s+(\d+) tokens in\s+([0-9.]+) seconds")
+    _STEP = re.compile(r"accepted (\d+)/(\d+) draft tokens, the last target token is: \((\d+)\)")
+
+    def __init__(self, binary: str, target: dict[str, Any], draft: dict[str, Any], threads: int, n_max: int):
+        import llama_cpp
+
+        self.binary, self.target, self.draft, self.threads, self.n_max = binary, target, draft, threads, n_max
+        self.vocab = llama_cpp.Llama(model_path=target["path"], vocab_only=True, verbose=False)
+        try:
+            out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
+            self.version = (out.stdout + out.stderr).strip().splitlines()[0] if (out.stdout + out.stderr).strip() \
+                else "?"
+        except (OSError, subprocess.SubprocessError) as e:
+            raise CastspecError(f"cannot run {binary} ({e})") from e
+
+    def describe(self) -> dict[str, Any]:
+        return {"binary": self.binary, "version": self.version, "target_gguf": self.target, "draft_gguf": self.draft,
+                "threads": self.threads, "spec_draft_n_max": self.n_max, "spec_type": "draft-simple"}
+
+    def command(self, prompt: str, max_new_tokens: int, n_ctx: int) -> list[str]:
+        t = str(self.threads)
+        return [self.binary, "-m", self.target["path"], "-md", self.draft["path"], "--spec-type", "draft-simple",
+                "--spec-draft-n-max", str(self.n_max), "-n", str(max_new_tokens), "-c", str(n_ctx),
+                "-b", str(max(n_ctx, 2048)), "-t", t, "-tb", t, "-td", t, "-tbd", t, "--temp", "0", "--top-k", "1",
+                "--seed", "0", "--no-escape", "-lv", "5", "-p", prompt]
+
+    def generate(self, ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> dict[str, Any]:
+        text = bytes(self.vocab.detokenize(ids, special=True))
+        try:
+            prompt = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CastspecError("the prompt's text is not valid UTF-8; llama-speculative-simple takes text") from e
+        if list(self.vocab.tokenize(text, add_bos=True, special=True)) != list(ids):
+            raise CastspecError("the prompt does not tokenize back to the same ids in llama.cpp; cannot hand it to "
+                                "llama-speculative-simple as text")
+        n_ctx = -(-(len(ids) + max_new_tokens + self.n_max + 64) // _CTX_STEP) * _CTX_STEP
+        load_1m = os.getloadavg()[0]
+        try:
+            run = subprocess.run(self.command(prompt, max_new_tokens, n_ctx), capture_output=True, timeout=3600)
+        except subprocess.TimeoutExpired as e:
+            raise CastspecError(f"{SPEC_BINARY} took over an hour on one prompt") from e
+        err = run.stderr.decode(errors="replace")
+        if run.returncode != 0:
+            tail = " | ".join(line.strip() for line in err.strip().splitlines()[-3:])
+            raise CastspecError(f"{SPEC_BINARY} exited with {run.returncode}: {tail}")
+        return self.parse(run.stdout, err, text, max_new_tokens, load_1m)
+
+    def parse(self, stdout: bytes, stderr: str, prompt: bytes, max_new_tokens: int, load_1m: float) -> dict[str, Any]:
+        """The record of one run from what the binary printed: stdout = blank line, prompt, generated text, blank
+        line; stderr = per-step acceptance (debug log) and the encode/decode times."""
+        head = b"\n\n" + prompt
+        if not stdout.startswith(head):
+            raise CastspecError(f"{SPEC_BINARY} did not echo the prompt as expected; cannot find its output")
+        generated = stdout[len(head):]
+        generated = generated[:-2] if generated.endswith(b"\n\n") else generated
+        times = {kind: (int(n), float(sec)) for kind, n, sec in self._TIMES.findall(stderr)}
+        if set(times) != {"encoded", "decoded"}:
+            raise CastspecError(f"{SPEC_BINARY} printed no timings (unexpected output format)")
+        steps = [(int(a), int(d), int(last)) for a, d, last in self._STEP.findall(stderr)]
+        decoded = times["decoded"][0]
+        tokens = list(self.vocab.tokenize(generated, add_bos=False, special=True)) if generated else []
+        if steps and len(tokens) == decoded - 1:  # it stopped at an end-of-generation token, which it does not print
+            tokens.append(steps[-1][2])
+        prefill_s, decode_s = times["encoded"][1], times["decoded"][1]
+        return {"token_ids": [tokens[:max_new_tokens]], "new_tokens": decoded, "steps": len(steps),
+                "prefill_s": prefill_s, "draft_s": 0.0, "verify_s": decode_s, "wall_s": prefill_s + decode_s,
+                "accepted": [a for a, _, _ in steps], "depths": [d for _, d, _ in steps],
+                "verified": [d + 1 for _, d, _ in steps], "load_1m": [round(load_1m, 2)],
+                "overshoot": [max(decoded - max_new_tokens, 0)]}
+
+    def close(self) -> None:
+        self.vocab.close()

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from castspec.bench.llamacpp import DIFFERENT_ARITHMETIC, is_llamacpp_method
+from castspec.bench.llamacpp import DIFFERENT_ARITHMETIC, PLAIN, is_llamacpp_method
 
 BASELINES = ("ar", "hf", "hf-assisted", "llama.cpp")
 
@@ -96,6 +96,19 @@ def _llamacpp_note(summary: dict[str, Any], env: dict[str, Any]) -> list[str]:
     for method, s in summary.items():
         if not is_llamacpp_method(method) or not s.get("tokens_per_s"):
             continue
+        if method != PLAIN:
+            spec = (env.get("llamacpp_spec") or {}).get(method) or {}
+            draft = Path((spec.get("draft_gguf") or {}).get("path", "?")).name
+            lines.append(
+                f"`{method}`: llama.cpp's own speculative decoding ({Path(spec.get('binary', '?')).name}, "
+                f"{spec.get('version', '?')}; draft {draft}, up to {spec.get('spec_draft_n_max', '?')} draft tokens "
+                f"per step, greedy, {spec.get('threads', '?')} threads), one process per prompt, its own timers "
+                f"(model loading left out): {s['tokens_per_s']:.2f} tokens/s end to end, "
+                f"{_num(s.get('decode_tokens_per_s'), 2)} tokens/s decode only, "
+                f"{_num(s.get('mean_accept_len'), 2)} tokens per target step; identical to `ar` on "
+                f"{_pct(s.get('identical_to_ar'))} of the prompts (its output ids are its printed text tokenized "
+                f"again). " + DIFFERENT_ARITHMETIC + ".")
+            continue
         gguf = info.get("gguf") or {}
         lines.append(
             f"`{method}`: plain greedy decoding of {Path(gguf.get('path', '?')).name} ({gguf.get('source', '?')}) "
@@ -105,7 +118,7 @@ def _llamacpp_note(summary: dict[str, Any], env: dict[str, Any]) -> list[str]:
             f"of {s['wall_s']:.2f} s), 1 token per step; identical to `ar` on {_pct(s.get('identical_to_ar'))} of "
             f"the prompts; " + DIFFERENT_ARITHMETIC + ". llama.cpp with as "
             "many threads as cores stalls when another process shares the cores: see the load average above.")
-    return lines + [""] if lines else []
+    return [line for paragraph in lines for line in (paragraph, "")]
 
 
 def _task_table(by_task: dict[str, Any]) -> list[str]:
@@ -209,7 +222,7 @@ def _plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     first = next(iter(by_batch.values()))
     summary = first["summary"]
     methods = list(summary)
-    color = ["#888" if m in BASELINES else "#2a7" for m in methods]
+    color = ["#888" if m in BASELINES or is_llamacpp_method(m) else "#2a7" for m in methods]
     paths = []
 
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(methods)), 4))

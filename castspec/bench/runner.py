@@ -2,8 +2,9 @@
 
 Methods: `ar` (our loop, plain decoding, same fast kernels as every speculative method), `hf` (stock
 `transformers` `generate`, stock kernels: what a user gets out of the box), `hf-assisted` (stock
-`generate(assistant_model=draft)`, batch 1 only in transformers), `llama.cpp` (plain greedy decoding of the
-target's GGUF by llama.cpp, batch 1 only; optional, see `castspec/bench/llamacpp.py`) and any tree policy spec
+`generate(assistant_model=draft)`, batch 1 only in transformers), `llama.cpp` and `llama.cpp-spec:n=N` (llama.cpp's
+plain greedy and speculative decoding of the GGUF files, batch 1 only; optional, see `castspec/bench/llamacpp.py`)
+and any tree policy spec
 (`chain:gamma=4`, `static`, `eagle2:total_tokens=16`). Prompts are grouped into batches of each requested batch
 size (within a task); all methods run one after the other on each group, so slow drift of the machine hits all
 of them alike. Each finished group is appended to `records.jsonl` in the output directory, so an interrupted run
@@ -28,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from castspec.bench.datasets import Prompt
-from castspec.bench.llamacpp import is_llamacpp_method
+from castspec.bench.llamacpp import PLAIN, is_llamacpp_method
 from castspec.cost.profiler import cpu_description, load_or_profile
 from castspec.cost.table import OnlineCosts
 from castspec.engine import SpeculativeGenerator, _eos_ids
@@ -36,8 +37,15 @@ from castspec.errors import CastspecError
 from castspec.policies import make_policy
 
 HF_METHODS = ("hf", "hf-assisted")
-BATCH1_ONLY = {"hf-assisted": "transformers' assisted generation supports batch size 1 only",
-               "llama.cpp": "the llama.cpp method decodes one prompt at a time (batch size 1 only)"}
+
+
+def batch1_only(method: str) -> str | None:
+    """Why `method` cannot decode a batch of prompts together, if it cannot."""
+    if method == "hf-assisted":
+        return "transformers' assisted generation supports batch size 1 only"
+    if is_llamacpp_method(method):
+        return f"the {method} method decodes one prompt at a time (batch size 1 only)"
+    return None
 
 
 def is_policy(method: str) -> bool:
@@ -64,7 +72,9 @@ class BenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     datasets: list[str] = field(default_factory=list)
     num_prompts: int = 0
-    gguf: str | None = None  # the llama.cpp method's GGUF (default: the built-in target's own)
+    gguf: str | None = None  # the llama.cpp methods' GGUF of the target (default: the built-in target's own)
+    draft_gguf: str | None = None  # llama.cpp-spec's draft GGUF (default: the built-in draft's own)
+    llama_speculative: str | None = None  # llama.cpp-spec's binary (not part of the fingerprint: a tool's path)
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a resumed run to continue the same measurement."""
@@ -75,6 +85,8 @@ class BenchConfig:
             out["target_dtype"] = self.target_dtype
         if self.gguf:
             out["gguf"] = self.gguf
+        if self.draft_gguf:
+            out["draft_gguf"] = self.draft_gguf
         return out
 
 
@@ -178,21 +190,33 @@ class MethodRunner:
         if "hf-assisted" in config.methods:
             self.stock_draft, _ = load_model(config.draft, device=config.device)
         self.llamacpp = None
+        self.llamacpp_spec: dict[str, Any] = {}
         if any(is_llamacpp_method(m) for m in config.methods):
-            from castspec.bench.llamacpp import LlamaCppPlain, gguf_for
+            from castspec.bench.llamacpp import LlamaCppPlain, LlamaCppSpec, find_spec_binary, gguf_for, spec_draft_max
 
             threads = torch.get_num_threads()
             if self.load_at_start[0] >= 1.0 and threads >= (os.cpu_count() or 1):
                 print(f"castspec: warning: the machine's load is {self.load_at_start[0]:.1f} on {os.cpu_count()} "
                       f"cores; llama.cpp with {threads} threads stalls when another process shares the cores, so "
                       f"its numbers may be far too low (the load is recorded with the results)", file=sys.stderr)
-            self.llamacpp = LlamaCppPlain(gguf_for(config.target, config.gguf), threads=threads)
+            target_gguf = gguf_for(config.target, config.gguf)
+            if PLAIN in config.methods:
+                self.llamacpp = LlamaCppPlain(target_gguf, threads=threads)
+            spec_methods = [m for m in config.methods if is_llamacpp_method(m) and m != PLAIN]
+            if spec_methods:
+                binary = find_spec_binary(config.llama_speculative)
+                draft_gguf = gguf_for(config.draft, config.draft_gguf, role="draft", flag="--draft-gguf")
+                self.llamacpp_spec = {m: LlamaCppSpec(binary, target_gguf, draft_gguf, threads, spec_draft_max(m))
+                                      for m in spec_methods}
 
     def close(self) -> None:
         """Free what is not Python-managed (llama.cpp's model and context)."""
         if self.llamacpp is not None:
             self.llamacpp.close()
             self.llamacpp = None
+        for spec in self.llamacpp_spec.values():
+            spec.close()
+        self.llamacpp_spec = {}
 
     def encode(self, prompt: Prompt, history: list[dict[str, str]] | None = None) -> list[int]:
         """Token ids of a prompt's first turn, or of the whole conversation so far plus the next user turn."""
@@ -230,8 +254,9 @@ class MethodRunner:
             return self._run_hf(method, ids, max_new_tokens)
         if is_llamacpp_method(method):
             if len(ids) > 1:
-                raise CastspecError(BATCH1_ONLY["llama.cpp"])
-            return self.llamacpp.generate(ids[0], max_new_tokens, self.eos_ids)
+                raise CastspecError(batch1_only(method))
+            decoder = self.llamacpp if method == PLAIN else self.llamacpp_spec[method]
+            return decoder.generate(ids[0], max_new_tokens, self.eos_ids)
         c = self.config
         results = self.generators[method].generate_batch(ids, max_new_tokens=max_new_tokens,
                                                          temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
@@ -369,8 +394,8 @@ def _measure_group(runner: MethodRunner, group: Group, config: BenchConfig, rss:
     for method in config.methods:
         bar.set_postfix_str(f"{group.id} {method}")
         before = rss.reset()
-        if method in BATCH1_ONLY and group.batch_size > 1:
-            per_method[method] = {"skipped": BATCH1_ONLY[method]}
+        if batch1_only(method) and group.batch_size > 1:
+            per_method[method] = {"skipped": batch1_only(method)}
         else:
             try:
                 per_method[method] = runner.run_group(method, group.prompts, config.max_new_tokens)
@@ -531,6 +556,8 @@ def environment(runner: MethodRunner) -> dict[str, Any]:
         env["draft_kernels"] = describe_kernels(runner.draft_model)
     if runner.llamacpp is not None:
         env["llamacpp"] = runner.llamacpp.describe()
+    if runner.llamacpp_spec:
+        env["llamacpp_spec"] = {method: spec.describe() for method, spec in runner.llamacpp_spec.items()}
     return env
 
 
