@@ -304,7 +304,7 @@ flags = dict((args[i], args[i + 1]) for i in range(len(args) - 1)
              if args[i].startswith("-") and args[i] != "--no-escape")
 n, k = int(flags["-n"]), int(flags["--spec-draft-n-max"])
 eos_at = int(os.environ.get("FAKE_SPEC_EOS", "0"))
-tokens = ["a"] * (eos_at or n + (k - 1))  # overshoots the budget like the real one, unless it meets EOS
+tokens = ["a"] * (eos_at or n + k)  # overshoots -n like the real one, unless it meets EOS
 printed = "".join(tokens)
 decoded = len(tokens) + (1 if eos_at else 0)
 steps = [(min(k, decoded - i - 1), k) for i in range(0, decoded, k + 1)]
@@ -338,7 +338,7 @@ def test_bench_llamacpp_spec(models, fake_llama, fake_binary, capsys, tmp_path):
     calls = (tmp_path / "calls.log").read_text().splitlines()
     assert len(calls) == 3  # warm-up + 2 prompts, one process each
     argv = eval(calls[-1])  # noqa: S307 (our own fake's log)
-    for flag, value in [("-m", gguf), ("-md", gguf), ("--spec-draft-n-max", "3"), ("-n", "9"), ("-t", "2"),
+    for flag, value in [("-m", gguf), ("-md", gguf), ("--spec-draft-n-max", "3"), ("-n", "8"), ("-t", "2"),
                         ("--temp", "0"), ("--spec-type", "draft-simple")]:
         assert argv[argv.index(flag) + 1] == (value if flag != "-t" else str(torch.get_num_threads())), flag
     results = json.loads((out / "results.json").read_text())

@@ -203,9 +203,11 @@ class LlamaCppSpec:
                 "threads": self.threads, "spec_draft_n_max": self.n_max, "spec_type": "draft-simple"}
 
     def command(self, prompt: str, max_new_tokens: int, n_ctx: int) -> list[str]:
+        """Its loop stops once it has decoded more than `-n` tokens (a step can take up to n_max + 1 at once), so
+        `-n budget-1` stops it at the first step that reaches the budget."""
         t = str(self.threads)
         return [self.binary, "-m", self.target["path"], "-md", self.draft["path"], "--spec-type", "draft-simple",
-                "--spec-draft-n-max", str(self.n_max), "-n", str(max_new_tokens), "-c", str(n_ctx),
+                "--spec-draft-n-max", str(self.n_max), "-n", str(max_new_tokens - 1), "-c", str(n_ctx),
                 "-b", str(max(n_ctx, 2048)), "-t", t, "-tb", t, "-td", t, "-tbd", t, "--temp", "0", "--top-k", "1",
                 "--seed", "0", "--no-escape", "-lv", "5", "-p", prompt]
 
