@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import os
 import sys
 import types
 
@@ -137,7 +138,8 @@ def test_bench_llamacpp_records_report_and_resume(models, fake_llama, capsys, tm
         assert rec["steps"] == rec["new_tokens"] - len(rec["turn_tokens"][0])  # one forward per token after prefill
         assert 0 < rec["prefill_s"] and 0 < rec["verify_s"] and rec["draft_s"] == 0
         assert rec["prefill_s"] + rec["verify_s"] <= rec["wall_s"] + 1e-6
-        assert len(rec["load_1m"]) == len(rec["turn_tokens"][0])  # the machine's load, one per turn
+        assert len(rec["load_1m"]) == len(rec["busy_cores"]) == len(rec["turn_tokens"][0])  # the machine's load
+        assert all(0 <= busy <= 2 * (os.cpu_count() or 1) for busy in rec["busy_cores"])
     mt = next(r for r in records if r["task"] == "mt-bench")
     assert len(mt["methods"]["llama.cpp"]["turn_tokens"][0]) == 2  # both turns, on its own earlier answer
 
@@ -152,6 +154,7 @@ def test_bench_llamacpp_records_report_and_resume(models, fake_llama, capsys, tm
 
     report = (out / "results.md").read_text()
     assert "| `llama.cpp` |" in report and "tokens/s decode only" in report and "load average at start" in report
+    assert "cores busy on average just before its runs" in report
     assert "| `llama.cpp` |" in printed
     assert (out / "speedup.png").stat().st_size > 100
 

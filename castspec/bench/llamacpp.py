@@ -40,6 +40,27 @@ DIFFERENT_ARITHMETIC = ("llama.cpp decodes the GGUF with its own quantized kerne
 _CTX_STEP = 1024
 
 
+def busy_cores(seconds: float = 0.3) -> float | None:
+    """How many cores the rest of the machine kept busy over a short window in which this process is idle (from
+    /proc/stat; None where that is unavailable). llama.cpp's threads spin at barriers: with as many threads as
+    cores, one busy core elsewhere can slow it down many times over, so each run records this just before it."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values[:8]), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return round((os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0)), 2)
+
+
 def is_llamacpp_method(method: str) -> bool:
     return method == PLAIN or method.startswith(SPEC)
 
@@ -154,7 +175,7 @@ class LlamaCppPlain:
         need = len(ids) + max_new_tokens
         if need > self.n_ctx:  # grow the context (outside the timed part), in whole steps
             self._load(-(-need // _CTX_STEP) * _CTX_STEP)
-        load_1m = os.getloadavg()[0]
+        load_1m, others = os.getloadavg()[0], busy_cores()
         llm = self.llm
         start = time.perf_counter()
         llm.reset()
@@ -171,7 +192,7 @@ class LlamaCppPlain:
         return {"token_ids": [tokens], "new_tokens": len(tokens), "steps": steps,
                 "prefill_s": prefill_end - start, "draft_s": 0.0, "verify_s": end - prefill_end,
                 "wall_s": end - start, "accepted": [0] * steps, "depths": [0] * steps, "verified": [0] * steps,
-                "load_1m": [round(load_1m, 2)]}  # a list: a conversation's turns add up to one per turn
+                "load_1m": [round(load_1m, 2)], "busy_cores": [others]}  # lists: one entry per turn
 
     def close(self) -> None:
         if self.llm is not None:
@@ -221,7 +242,7 @@ class LlamaCppSpec:
             raise CastspecError("the prompt does not tokenize back to the same ids in llama.cpp; cannot hand it to "
                                 "llama-speculative-simple as text")
         n_ctx = -(-(len(ids) + max_new_tokens + self.n_max + 64) // _CTX_STEP) * _CTX_STEP
-        load_1m = os.getloadavg()[0]
+        load_1m, others = os.getloadavg()[0], busy_cores()
         try:
             run = subprocess.run(self.command(prompt, max_new_tokens, n_ctx), capture_output=True, timeout=3600)
         except subprocess.TimeoutExpired as e:
@@ -230,9 +251,10 @@ class LlamaCppSpec:
         if run.returncode != 0:
             tail = " | ".join(line.strip() for line in err.strip().splitlines()[-3:])
             raise CastspecError(f"{SPEC_BINARY} exited with {run.returncode}: {tail}")
-        return self.parse(run.stdout, err, text, max_new_tokens, load_1m)
+        return {**self.parse(run.stdout, err, text, max_new_tokens), "load_1m": [round(load_1m, 2)],
+                "busy_cores": [others]}
 
-    def parse(self, stdout: bytes, stderr: str, prompt: bytes, max_new_tokens: int, load_1m: float) -> dict[str, Any]:
+    def parse(self, stdout: bytes, stderr: str, prompt: bytes, max_new_tokens: int) -> dict[str, Any]:
         """The record of one run from what the binary printed: stdout = blank line, prompt, generated text, blank
         line; stderr = per-step acceptance (debug log) and the encode/decode times."""
         head = b"\n\n" + prompt
@@ -252,8 +274,7 @@ class LlamaCppSpec:
         return {"token_ids": [tokens[:max_new_tokens]], "new_tokens": decoded, "steps": len(steps),
                 "prefill_s": prefill_s, "draft_s": 0.0, "verify_s": decode_s, "wall_s": prefill_s + decode_s,
                 "accepted": [a for a, _, _ in steps], "depths": [d for _, d, _ in steps],
-                "verified": [d + 1 for _, d, _ in steps], "load_1m": [round(load_1m, 2)],
-                "overshoot": [max(decoded - max_new_tokens, 0)]}
+                "verified": [d + 1 for _, d, _ in steps], "overshoot": [max(decoded - max_new_tokens, 0)]}
 
     def close(self) -> None:
         self.vocab.close()

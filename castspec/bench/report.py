@@ -47,7 +47,8 @@ def markdown_report(results: dict[str, Any]) -> str:
         if len(by_batch) > 1:
             lines += [f"## Batch size {batch}", ""]
         lines += _method_table(part["summary"]) + [""]
-        lines += _llamacpp_note(part["summary"], env)
+        lines += _llamacpp_note(part["summary"], env,
+                                [r for r in results["records"] if str(r["batch_size"]) == str(batch)])
         if len(part["by_task"]) > 1:
             lines += _task_table(part["by_task"]) + _decode_table(part["by_task"]) + [""]
         lines += _divergences(part["summary"])
@@ -89,9 +90,19 @@ def _method_table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _llamacpp_note(summary: dict[str, Any], env: dict[str, Any]) -> list[str]:
+def _busy(records: list[dict[str, Any]]) -> str:
+    """How busy the rest of the machine was just before each run: llama.cpp's spinning threads make it sensitive."""
+    busy = [b for rec in records for b in rec.get("busy_cores") or [] if b is not None]
+    text = ("llama.cpp with as many threads as cores stalls when another process shares the cores"
+            + (f"; other processes kept {sum(busy) / len(busy):.2f} cores busy on average just before its runs "
+               f"(at most {max(busy):.2f})" if busy else "") + ".")
+    return text
+
+
+def _llamacpp_note(summary: dict[str, Any], env: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
     """What the llama.cpp rows are, with their decode-only speed beside the end-to-end one."""
     lines = []
+    records_of = {method: [r["methods"][method] for r in records if method in r["methods"]] for method in summary}
     info = env.get("llamacpp") or {}
     for method, s in summary.items():
         if not is_llamacpp_method(method) or not s.get("tokens_per_s"):
@@ -107,7 +118,7 @@ def _llamacpp_note(summary: dict[str, Any], env: dict[str, Any]) -> list[str]:
                 f"{_num(s.get('decode_tokens_per_s'), 2)} tokens/s decode only, "
                 f"{_num(s.get('mean_accept_len'), 2)} tokens per target step; identical to `ar` on "
                 f"{_pct(s.get('identical_to_ar'))} of the prompts (its output ids are its printed text tokenized "
-                f"again). " + DIFFERENT_ARITHMETIC + ".")
+                f"again). " + DIFFERENT_ARITHMETIC + ". " + _busy(records_of.get(method, [])))
             continue
         gguf = info.get("gguf") or {}
         lines.append(
@@ -116,8 +127,7 @@ def _llamacpp_note(summary: dict[str, Any], env: dict[str, Any]) -> list[str]:
             f"threads, same prompt token ids, budget and EOS ids): {s['tokens_per_s']:.2f} tokens/s end to end, "
             f"{_num(s.get('decode_tokens_per_s'), 2)} tokens/s decode only (prefill {_num(s.get('prefill_s'), 2)} s "
             f"of {s['wall_s']:.2f} s), 1 token per step; identical to `ar` on {_pct(s.get('identical_to_ar'))} of "
-            f"the prompts; " + DIFFERENT_ARITHMETIC + ". llama.cpp with as "
-            "many threads as cores stalls when another process shares the cores: see the load average above.")
+            f"the prompts; " + DIFFERENT_ARITHMETIC + ". " + _busy(records_of.get(method, [])))
     return [line for paragraph in lines for line in (paragraph, "")]
 
 

@@ -162,6 +162,7 @@ class MethodRunner:
 
         self.config = config
         self.load_at_start = os.getloadavg()  # before our own model loading adds to it
+        self.busy_at_start = None
         for method in config.methods:
             if is_policy(method):
                 make_policy(method)  # fail early on a bad method name or parameter
@@ -192,13 +193,21 @@ class MethodRunner:
         self.llamacpp = None
         self.llamacpp_spec: dict[str, Any] = {}
         if any(is_llamacpp_method(m) for m in config.methods):
-            from castspec.bench.llamacpp import LlamaCppPlain, LlamaCppSpec, find_spec_binary, gguf_for, spec_draft_max
+            from castspec.bench.llamacpp import (
+                LlamaCppPlain,
+                LlamaCppSpec,
+                busy_cores,
+                find_spec_binary,
+                gguf_for,
+                spec_draft_max,
+            )
 
             threads = torch.get_num_threads()
-            if self.load_at_start[0] >= 1.0 and threads >= (os.cpu_count() or 1):
-                print(f"castspec: warning: the machine's load is {self.load_at_start[0]:.1f} on {os.cpu_count()} "
-                      f"cores; llama.cpp with {threads} threads stalls when another process shares the cores, so "
-                      f"its numbers may be far too low (the load is recorded with the results)", file=sys.stderr)
+            self.busy_at_start = busy_cores(1.0)
+            if (self.busy_at_start or 0) >= 0.3 and threads >= (os.cpu_count() or 1):
+                print(f"castspec: warning: other processes keep {self.busy_at_start:.1f} of {os.cpu_count()} cores "
+                      f"busy; llama.cpp with {threads} threads stalls when another process shares the cores, so its "
+                      f"numbers may be far too low (each run records this)", file=sys.stderr)
             target_gguf = gguf_for(config.target, config.gguf)
             if PLAIN in config.methods:
                 self.llamacpp = LlamaCppPlain(target_gguf, threads=threads)
@@ -554,6 +563,8 @@ def environment(runner: MethodRunner) -> dict[str, Any]:
     if runner.draft_model is not None:
         env["draft"] = model_identity(config.draft)
         env["draft_kernels"] = describe_kernels(runner.draft_model)
+    if runner.busy_at_start is not None:
+        env["busy_cores"] = runner.busy_at_start
     if runner.llamacpp is not None:
         env["llamacpp"] = runner.llamacpp.describe()
     if runner.llamacpp_spec:
