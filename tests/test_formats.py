@@ -73,13 +73,23 @@ def decode_alone(model, prefix: list[int], path: list[int]) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def test_int8_model_tree_logits_equal_each_path_alone():
+def fast_fp32_model(seed: int, hidden: int):
+    from castspec.models.kernels import use_fast_cpu_linears
+
+    model = tiny_model("qwen2", seed=seed, hidden=hidden, sharpen=4.0).float()
+    use_fast_cpu_linears(model)
+    return model
+
+
+@pytest.mark.parametrize("make_model", [int8_model, fast_fp32_model], ids=["int8", "fp32-onednn"])
+def test_tree_logits_equal_each_path_alone(make_model):
     """A tree forward's logits at every node equal, bitwise, the same path decoded alone in the same format.
 
-    Wide enough heads and a long enough prefix that attention computed differently for one query than for several
-    (torch's SDPA) shows up after int8 re-quantization; `tree_attention` must make them equal.
+    Wide enough heads and a long enough prefix that attention computed differently for one query than for several,
+    or over keys at other slots (torch's SDPA), shows up; canonical `tree_attention` must make them equal. Holds for
+    int8 and for fp32 on oneDNN-packed linears (row-independent on this machine kind).
     """
-    model = int8_model(seed=3, hidden=256)
+    model = make_model(seed=3, hidden=256)
     prefix = [int(t) for t in torch.randint(3, VOCAB, (60,), generator=torch.Generator().manual_seed(0))]
     # a depth-4 tree: root 7 -> a(10), b(11); a -> c(12), d(13); c -> e(14); b -> f(15)
     tokens = torch.tensor([[7, 10, 11, 12, 13, 14, 15]])
@@ -90,7 +100,7 @@ def test_int8_model_tree_logits_equal_each_path_alone():
         mask[0, node] = mask[0, parent] if parent >= 0 else mask[0, node]
         mask[0, node, node] = True
     runner = CausalLMRunner(model)
-    assert describe_kernels(model) == "int8-rows+tree-attn"
+    assert describe_kernels(model).endswith("+tree-attn")
     runner.prefill([prefix])
     runner.begin_block()
     tree = runner.forward(tokens, torch.tensor([[len(prefix) + d for d in depth]]), mask)[0]
@@ -102,9 +112,10 @@ def test_int8_model_tree_logits_equal_each_path_alone():
         assert torch.equal(tree[path], alone), f"path {path}: max |diff| {(tree[path] - alone).abs().max():.3g}"
 
 
-def test_int8_model_rows_of_a_batch_equal_each_row_alone():
+@pytest.mark.parametrize("make_model", [int8_model, fast_fp32_model], ids=["int8", "fp32-onednn"])
+def test_rows_of_a_batch_equal_each_row_alone(make_model):
     """Other sequences of a batch (other lengths, other tokens) never change a row's logits, bitwise."""
-    model = int8_model(seed=5, hidden=256)
+    model = make_model(seed=5, hidden=256)
     generator = torch.Generator().manual_seed(1)
     prompts = [[int(t) for t in torch.randint(3, VOCAB, (length,), generator=generator)] for length in (41, 17, 64)]
     runner = CausalLMRunner(model)

@@ -31,7 +31,7 @@ back to stock SDPA whenever its preconditions do not hold (no 4D mask, dropout, 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,7 @@ class KeyLayout:
     tail: torch.Tensor
     tail_valid: torch.Tensor
     in_place_max: int  # max of `in_place` (host value, read once per forward)
+    cache: dict = field(default_factory=dict)  # per-forward inputs shared by the layers
 
 
 def tree_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -129,46 +130,87 @@ def _canonical(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
     batch, heads, n, head_dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
+    rows = n * groups
     tile = row_tile(head_dim, query.dtype, str(query.device))
-    lowest = torch.finfo(query.dtype).min
     per_query = query.reshape(batch, kv_heads, groups, n, head_dim).transpose(2, 3)  # [B, H_kv, n, G, d]
-    rows = _pad_rows(per_query.reshape(batch, kv_heads, n * groups, head_dim), tile)
-    padded = rows.shape[2]
-    # chunks read in place: [B, H_kv, chunks, rows, CHUNK]
-    end = layout.in_place_max
-    chunks = end // CHUNK
-    keys = key[:, :, :end].reshape(batch, kv_heads, chunks, CHUNK, head_dim)
-    row_mask = _pad_rows(mask[:, :, :, :end].repeat_interleave(groups, dim=2), tile)  # [B, 1, rows, end]
-    own = torch.arange(end, device=query.device)[None, :] < layout.in_place[:, None]
-    row_mask = torch.where(own[:, None, None, :], row_mask, lowest).reshape(batch, 1, padded, chunks, CHUNK)
-    scores = torch.matmul(rows[:, :, None], keys.transpose(-1, -2)) * scale + row_mask.transpose(2, 3)
-    # chunks gathered per query (the tree part): [B, H_kv, n, W / CHUNK, G, CHUNK]
-    tail, valid = layout.tail[:, queries], layout.tail_valid[:, queries]
-    width = tail.shape[-1]
-    index = tail.reshape(batch, 1, n * width, 1).expand(batch, kv_heads, n * width, head_dim)
-    tail_keys = key.gather(2, index).reshape(batch, kv_heads, n, width // CHUNK, CHUNK, head_dim)
-    tail_values = value.gather(2, index).reshape(tail_keys.shape)
-    tail_mask = torch.where(valid, mask[:, 0].gather(2, tail), lowest).reshape(batch, 1, n, width // CHUNK, 1, CHUNK)
-    group_rows = _pad_rows(per_query, tile)[:, :, :, None]  # [B, H_kv, n, 1, Gp, d]
-    tail_scores = torch.matmul(group_rows, tail_keys.transpose(-1, -2)) * scale + tail_mask
-    # softmax over both parts, chunk by chunk in position order
-    top_in = (scores.amax(dim=(2, 4)) if chunks else scores.new_full((batch, kv_heads, padded), lowest))[
-        :, :, : n * groups]
-    top_tail = tail_scores.amax(dim=(3, 5))[:, :, :, :groups].reshape(batch, kv_heads, n * groups)
-    top = torch.maximum(top_in, top_tail)
-    weights = torch.exp(scores - _pad_rows(top[..., None], tile).reshape(batch, kv_heads, 1, padded, 1))
-    tail_weights = torch.exp(tail_scores - _pad_rows(top.reshape(batch, kv_heads, n, groups, 1), tile)[:, :, :, None])
-    values = value[:, :, :end].reshape(batch, kv_heads, chunks, CHUNK, head_dim)
-    parts = torch.matmul(weights, values)[:, :, :, : n * groups]  # [B, H_kv, chunks, rows, d]
-    tail_parts = torch.matmul(tail_weights, tail_values)[:, :, :, :, :groups]  # [B, H_kv, n, Wc, G, d]
-    sums = torch.cat([weights.sum(dim=-1)[:, :, :, : n * groups].transpose(2, 3),
-                      tail_weights.sum(dim=-1)[..., :groups].permute(0, 1, 2, 4, 3).reshape(
-                          batch, kv_heads, n * groups, -1)], dim=-1)
-    weighted = torch.cat([parts.transpose(2, 3), tail_parts.permute(0, 1, 2, 4, 3, 5).reshape(
-        batch, kv_heads, n * groups, -1, head_dim)], dim=-2)
-    total = sums.cumsum(dim=-1)[..., -1:]  # a sequential scan: chunks of zeros in between change nothing
-    out = torch.where(total > 0, weighted.cumsum(dim=-2)[..., -1, :] / total, 0.0)
+    row_mask = _in_place_mask(layout, mask, queries, groups, tile)
+    scores = _in_place_scores(per_query, key, row_mask, scale, tile) if row_mask.shape[2] else None
+    if layout.tail.shape[-1] == 0:  # every key in place: prefill, chains, plain steps
+        top = scores.amax(dim=(2, 4), keepdim=True)  # [B, H_kv, 1, rows (padded), 1]
+        weights = torch.exp(scores - top)
+        values = value[:, :, : weights.shape[2] * CHUNK].reshape(batch, kv_heads, -1, CHUNK, head_dim)
+        total = weights.sum(dim=-1, keepdim=True).cumsum(dim=2)[:, :, -1]  # a sequential scan over the chunks
+        weighted = torch.matmul(weights, values).cumsum(dim=2)[:, :, -1]
+        out = (weighted / total.clamp_min(torch.finfo(total.dtype).tiny))[:, :, :rows]
+    else:
+        out = _with_tail(per_query, key, value, mask, scale, layout, queries, scores, tile)
     return out.reshape(batch, kv_heads, n, groups, head_dim).transpose(2, 3).reshape(batch, heads, n, head_dim)
+
+
+def _with_tail(per_query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float,
+               layout: KeyLayout, queries: slice, scores: torch.Tensor | None, tile: int) -> torch.Tensor:
+    """Canonical attention when part of the keys is gathered per query (a tree); returns [B, H_kv, n * G, d]."""
+    batch, kv_heads, n, groups, head_dim = per_query.shape
+    rows = n * groups
+    tail_keys, tail_values, tail_mask = _tail_inputs(layout, key, value, mask, queries)
+    tail_scores = torch.matmul(_pad_rows(per_query, tile)[:, :, :, None], tail_keys.transpose(-1, -2)) * scale
+    tail_scores = tail_scores + tail_mask  # [B, H_kv, n, W / CHUNK, Gp, CHUNK]
+    top = tail_scores.amax(dim=(3, 5))[:, :, :, :groups].reshape(batch, kv_heads, rows)
+    if scores is not None:
+        top = torch.maximum(top, scores.amax(dim=(2, 4))[:, :, :rows])
+    # softmax numerators and denominators, chunk by chunk, added in position order
+    sums, parts = [], []
+    if scores is not None:
+        weights = torch.exp(scores - _pad_rows(top[..., None], tile)[:, :, None])  # [B, H_kv, chunks, rows, CHUNK]
+        values = value[:, :, : weights.shape[2] * CHUNK].reshape(batch, kv_heads, -1, CHUNK, head_dim)
+        sums.append(weights.sum(dim=-1)[:, :, :, :rows].transpose(2, 3))
+        parts.append(torch.matmul(weights, values)[:, :, :, :rows].transpose(2, 3))
+    top_per_query = _pad_rows(top.reshape(batch, kv_heads, n, groups, 1), tile)[:, :, :, None]
+    tail_weights = torch.exp(tail_scores - top_per_query)
+    sums.append(tail_weights.sum(dim=-1)[..., :groups].permute(0, 1, 2, 4, 3).reshape(batch, kv_heads, rows, -1))
+    tail_parts = torch.matmul(tail_weights, tail_values)[:, :, :, :, :groups]  # [B, H_kv, n, Wc, G, d]
+    parts.append(tail_parts.permute(0, 1, 2, 4, 3, 5).reshape(batch, kv_heads, rows, -1, head_dim))
+    total = torch.cat(sums, dim=-1).cumsum(dim=-1)[..., -1:]  # a sequential scan: zero chunks change nothing
+    weighted = torch.cat(parts, dim=-2).cumsum(dim=-2)[..., -1, :]
+    return weighted / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+
+def _in_place_scores(per_query: torch.Tensor, key: torch.Tensor, row_mask: torch.Tensor, scale: float,
+                     tile: int) -> torch.Tensor:
+    """Masked scores of the chunks read in place: [B, H_kv, chunks, rows (padded), CHUNK]."""
+    batch, kv_heads, n, groups, head_dim = per_query.shape
+    chunks = row_mask.shape[2]
+    rows = _pad_rows(per_query.reshape(batch, kv_heads, n * groups, head_dim), tile)
+    keys = key[:, :, : chunks * CHUNK].reshape(batch, kv_heads, chunks, CHUNK, head_dim)
+    return torch.matmul(rows[:, :, None], keys.transpose(-1, -2)) * scale + row_mask
+
+
+def _in_place_mask(layout: KeyLayout, mask: torch.Tensor, queries: slice, groups: int, tile: int) -> torch.Tensor:
+    """The additive mask of the in-place chunks per row [B, 1, chunks, rows (padded), CHUNK]; slots at or past a
+    row's `in_place` are masked (they are read through the tail). Built once per forward and mask."""
+    key = (mask.data_ptr(), tuple(mask.shape), queries.start, groups, tile)
+    if key not in layout.cache:
+        end = layout.in_place_max
+        batch = mask.shape[0]
+        row_mask = _pad_rows(mask[:, :, :, :end].repeat_interleave(groups, dim=2), tile)  # [B, 1, rows, end]
+        own = torch.arange(end, device=mask.device)[None, :] < layout.in_place[:, None]
+        row_mask = torch.where(own[:, None, None, :], row_mask, torch.finfo(mask.dtype).min)
+        layout.cache[key] = row_mask.reshape(batch, 1, row_mask.shape[2], end // CHUNK, CHUNK).transpose(2, 3)
+    return layout.cache[key]
+
+
+def _tail_inputs(layout: KeyLayout, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                 queries: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys, values [B, H_kv, n, W / CHUNK, CHUNK, d] and mask [B, 1, n, W / CHUNK, 1, CHUNK] of the chunks
+    gathered per query, in position order."""
+    tail, valid = layout.tail[:, queries], layout.tail_valid[:, queries]
+    batch, n, width = tail.shape
+    kv_heads, head_dim = key.shape[1], key.shape[3]
+    index = tail.reshape(batch, 1, n * width, 1).expand(batch, kv_heads, n * width, head_dim)
+    shape = (batch, kv_heads, n, width // CHUNK, CHUNK, head_dim)
+    tail_mask = torch.where(valid, mask[:, 0].gather(2, tail), torch.finfo(mask.dtype).min)
+    return (key.gather(2, index).reshape(shape), value.gather(2, index).reshape(shape),
+            tail_mask.reshape(batch, 1, n, width // CHUNK, 1, CHUNK))
 
 
 def key_layout(allowed: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor,
@@ -186,7 +228,7 @@ def key_layout(allowed: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Te
     in_place = torch.div(linear_run, CHUNK, rounding_mode="floor") * CHUNK
     need = torch.where(valid, query_pos + 1 - in_place[:, None], 0).amax()
     in_place_max, need = torch.stack([in_place.max(), need]).tolist()  # the forward's one host read
-    width = max(CHUNK, -(-need // CHUNK) * CHUNK)
+    width = max(0, -(-need // CHUNK) * CHUNK)  # 0: every query's keys are in place (prefill, chains, plain steps)
     offset = key_pos[:, None, :] - in_place[:, None, None]
     keep = allowed & (slot[None, None, :] >= in_place[:, None, None]) & (offset >= 0) & (offset < width)
     target = torch.where(keep, offset, width)  # column `width` collects everything else and is dropped

@@ -48,8 +48,12 @@ class _LayerView(CacheLayerMixin):
 class TreeKVCache(Cache):
     """Per-row lengths, an in-place speculative block, and commits that move only the accepted entries."""
 
-    def __init__(self, num_layers: int, batch_size: int, capacity: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, num_layers: int, batch_size: int, capacity: int, device: torch.device, dtype: torch.dtype,
+                 align: int = 1):
+        """`align`: attention sees a multiple of this many slots (the extra ones unused and masked), so that
+        canonical attention reads whole chunks in place."""
         super().__init__(layers=[_LayerView(self) for _ in range(num_layers)])
+        self.align = align
         self.num_layers, self.capacity = num_layers, max(int(capacity), 1)
         self.device, self.dtype = torch.device(device), dtype
         self.kv: torch.Tensor | None = None  # allocated at the first write, when head count and size are known
@@ -66,7 +70,7 @@ class TreeKVCache(Cache):
     # --- one forward -----------------------------------------------------------------------------------------
     def begin_write(self, count: int) -> int:
         """Reserve `count` new block slots per row for the next forward; returns the slots attention will see."""
-        end = self.max_length + self.block + count
+        end = -(-(self.max_length + self.block + count) // self.align) * self.align
         self._ensure_capacity(end)
         if self.min_length == self.max_length:  # every row equally long: a plain slice, the common case
             start = self.max_length + self.block
@@ -93,7 +97,7 @@ class TreeKVCache(Cache):
             rows = torch.arange(self.batch_size, device=self.device)[:, None]
             layer[0, rows, :, self._write] = key_states.transpose(1, 2)
             layer[1, rows, :, self._write] = value_states.transpose(1, 2)
-        end = self.max_length + self.block + key_states.shape[2]
+        end = -(-(self.max_length + self.block + key_states.shape[2]) // self.align) * self.align
         return layer[0, :, :, :end], layer[1, :, :, :end]
 
     def _allocate(self, key_states: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from castspec.models.attention import key_layout, use_tree_attention
+from castspec.models.attention import CHUNK, key_layout, use_tree_attention
 from castspec.models.kv_cache import TreeKVCache
 
 # Slots reserved beyond prompt + budget for one step's speculative block; a step that needs more grows the cache.
@@ -41,7 +41,8 @@ class CausalLMRunner:
     # --- state -----------------------------------------------------------------------------------------------
     def reset(self, batch_size: int, capacity: int) -> None:
         """An empty cache for `batch_size` rows with room for `capacity` tokens per row."""
-        self.cache = TreeKVCache(self.config.num_hidden_layers, batch_size, capacity, self.device, self.dtype)
+        self.cache = TreeKVCache(self.config.num_hidden_layers, batch_size, capacity, self.device, self.dtype,
+                                 align=CHUNK if self.canonical else 1)
         self.block_pos = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # positions of the block
 
     @property
@@ -126,7 +127,7 @@ class CausalLMRunner:
         index = rel.clamp(0, width - 1)
         sees_block = block_mask.gather(2, index[:, None, :].expand(-1, block_mask.shape[1], -1))
         allowed = (rel < 0)[:, None, :] | (in_block[:, None, :] & sees_block)
-        key_pos = torch.where(rel < 0, slot, self.block_pos.gather(1, index))
+        key_pos = torch.where(in_block, self.block_pos.gather(1, index), slot)  # unused slots: as if in place
         return allowed, key_pos
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
