@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from castspec.cost.profiler import load_or_profile
@@ -15,8 +17,10 @@ from castspec.cost.table import OnlineCosts
 from castspec.engine import SpeculativeGenerator
 from castspec.errors import CastspecError
 from castspec.models.attention import use_tree_attention
+from castspec.models.draft_head import reduce_draft_vocab
 from castspec.models.formats import quantize_int8_rows
 from castspec.models.kernels import quantize_draft_int8, use_fast_cpu_linears
+from castspec.models.lean import use_lean_layers
 from castspec.models.load import load_model, resolve_model_dir
 from castspec.policies import TreePolicy, make_policy
 
@@ -24,12 +28,17 @@ DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
 DEFAULT_POLICY = "cast"
 TARGET_DTYPES = ("fp32", "int8")
+# The draft proposes only token ids below this (plus the EOS ids); 0 = the whole vocabulary. Measured on the AVX2
+# host (benchmarks/draft_cost): see `castspec.models.draft_head` and the CLI's --draft-vocab help.
+DEFAULT_DRAFT_VOCAB = 65536
+DRAFT_VOCAB_ENV = "CASTSPEC_DRAFT_VOCAB"  # overrides DEFAULT_DRAFT_VOCAB where draft_vocab is not given
 
 
 def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRAFT,
                    policy: TreePolicy | str = DEFAULT_POLICY, device: str = "cpu", fast_kernels: bool = True,
                    draft_quant: str = "int8", cost_table: str | None = None,
-                   max_batch_size: int = 1, target_dtype: str = "fp32") -> SpeculativeGenerator:
+                   max_batch_size: int = 1, target_dtype: str = "fp32",
+                   draft_vocab: int | None = None) -> SpeculativeGenerator:
     """Load models and build a `SpeculativeGenerator`.
 
     On CPU, `fast_kernels` runs every fp32 linear of both models on oneDNN with pre-packed weights (the `ar`
@@ -44,6 +53,12 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRA
     (CPU only: int8 weights per output channel, activations scaled per row so each token's logits are bitwise
     independent of what else shares the forward; ~3x fewer bytes per step, a different model than fp32 — greedy
     output equals *its own* plain decoding, see `castspec.models.formats`).
+
+    `draft_vocab` N > 0: the draft proposes only token ids below N and the EOS ids (its output head keeps those rows
+    only, `castspec.models.draft_head`), which makes each draft forward cheaper; 0: the whole vocabulary; None:
+    `$CASTSPEC_DRAFT_VOCAB` if set, else `DEFAULT_DRAFT_VOCAB`. Lossless either way (the draft only proposes; the
+    target decides every token, greedy or sampled). With `fast_kernels` on CPU the draft's decoder layers also run
+    lean (`castspec.models.lean`: q/k/v and gate/up as one matmul each, far fewer torch calls per layer).
     """
     policy = make_policy(policy) if isinstance(policy, str) else policy
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -54,6 +69,7 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRA
         raise CastspecError("--target-dtype int8 runs on the CPU only (fbgemm kernels); use fp32 on a GPU")
     if draft_quant not in ("int8", "none"):
         raise CastspecError(f"draft_quant must be 'int8' or 'none', got '{draft_quant}'")
+    draft_vocab = resolve_draft_vocab(draft_vocab)
     target_model, tokenizer = load_model(target, device=device)
     draft_model = None
     if policy.uses_draft:
@@ -66,6 +82,10 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRA
     for model in filter(None, (target_model, draft_model)):
         use_tree_attention(model)
     on_cpu = torch.device(device).type == "cpu"
+    if draft_model is not None and draft_vocab:
+        reduce_draft_vocab(draft_model, draft_vocab, keep=_eos_token_ids(target_model, tokenizer))
+    if on_cpu and fast_kernels and draft_model is not None:
+        use_lean_layers(draft_model)  # fewer torch calls per layer, q/k/v and gate/up fused (before int8)
     if target_dtype == "int8":
         quantize_int8_rows(target_model)
     if on_cpu and draft_model is not None and draft_quant == "int8":
@@ -80,6 +100,30 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRA
                                 max_batch_size=max_batch_size)
         costs = OnlineCosts(table)
     return SpeculativeGenerator(target_model, tokenizer, draft=draft_model, policy=policy, costs=costs)
+
+
+def resolve_draft_vocab(draft_vocab: int | None) -> int:
+    """The draft vocabulary size to use: the argument, else `$CASTSPEC_DRAFT_VOCAB`, else the default."""
+    where = "draft_vocab"
+    if draft_vocab is None:
+        text = os.environ.get(DRAFT_VOCAB_ENV, "").strip()
+        if not text:
+            return DEFAULT_DRAFT_VOCAB
+        where = f"${DRAFT_VOCAB_ENV}"
+        try:
+            draft_vocab = int(text)
+        except ValueError:
+            raise CastspecError(f"{where} must be a whole number (0: the whole vocabulary), got '{text}'") from None
+    if isinstance(draft_vocab, bool) or not isinstance(draft_vocab, int) or draft_vocab < 0:
+        raise CastspecError(f"{where} must be a whole number >= 0 (0: the whole vocabulary), got {draft_vocab!r}")
+    return draft_vocab
+
+
+def _eos_token_ids(model, tokenizer) -> list[int]:
+    """The ids the engine stops at (the target's EOS ids): a reduced draft still proposes them."""
+    from castspec.engine import _eos_ids
+
+    return sorted(_eos_ids(model, tokenizer))
 
 
 def check_same_tokenizer(target_tok, draft_tok, target_name: str, draft_name: str) -> None:

@@ -4,12 +4,16 @@ The draft keeps its own KV cache. At each step it first catches up on *pending* 
 not seen yet, ending with the new root — which gives the distribution of the root's children. Each deeper level
 feeds the frontier nodes in one forward, each attending to the prefix and its own ancestors. After verification
 it keeps the cache entries of the accepted nodes it did feed; the rest become the next step's pending tokens.
+
+A draft may propose from part of the vocabulary only (`castspec.models.draft_head`): its log-probabilities then have
+one column per kept token, and `token_ids` maps column indices to token ids.
 """
 
 from __future__ import annotations
 
 import torch
 
+from castspec.models.draft_head import draft_vocab_ids, draft_vocab_size
 from castspec.models.runner import CausalLMRunner
 from castspec.tree import DraftTree
 from castspec.verify import Outcome
@@ -18,6 +22,12 @@ from castspec.verify import Outcome
 class DraftLM:
     def __init__(self, runner: CausalLMRunner):
         self.runner = runner
+        self.vocab_ids = draft_vocab_ids(runner.model)  # column -> token id, or None: column j is token j
+        self.vocab_size = draft_vocab_size(runner.model)  # columns of the log-probabilities: tokens it can propose
+
+    def token_ids(self, columns: torch.Tensor) -> torch.Tensor:
+        """Token ids of columns of `start`'s / `expand`'s log-probabilities (the same tensor for a full head)."""
+        return columns if self.vocab_ids is None else self.vocab_ids[columns]
 
     def prefill(self, prompts: list[list[int]], first_token: torch.Tensor, budget: int = 0) -> None:
         self.runner.prefill(prompts, budget)
@@ -26,7 +36,8 @@ class DraftLM:
         self.started = False
 
     def start(self) -> torch.Tensor:
-        """Feed the pending tokens; returns the log-probabilities of the root's children [B, 1, V]."""
+        """Feed the pending tokens; returns the log-probabilities of the root's children [B, 1, V] (V: `vocab_size`
+        columns, see `token_ids`)."""
         runner = self.runner
         runner.begin_block()
         valid = self.pending_valid

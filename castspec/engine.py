@@ -144,7 +144,7 @@ class SpeculativeGenerator:
         if self.drafter is not None:
             check_same_vocabulary(target, draft)
         self.vocab_size = target.get_input_embeddings().weight.shape[0]  # valid token ids: 0 .. vocab_size - 1
-        check_children_fit(self.policy, self.vocab_size)
+        check_children_fit(self.policy, self.drafter.vocab_size if self.drafter is not None else self.vocab_size)
         self.eos_ids = _eos_ids(target, tokenizer)
 
     # --- public API ----------------------------------------------------------------------------------------
@@ -365,7 +365,8 @@ class SpeculativeGenerator:
         frontier_score = torch.zeros(root.shape[0], 1, device=root.device)
         for level in range(1, max_depth + 1):
             k = self.policy.children_per_node(level)
-            child_logp, child_tok = frontier_logp.topk(k, dim=-1)  # [B, F, k]
+            child_logp, child_col = frontier_logp.topk(k, dim=-1)  # [B, F, k]
+            child_tok = self.drafter.token_ids(child_col)  # the same ids unless the draft's head is reduced
             cand_score = (frontier_score[:, :, None] + child_logp).flatten(1)
             keep, n_expand = self.policy.choose(level, cand_score)
             if keep.shape[1] == 0:

@@ -11,7 +11,8 @@ int8), gives each runner a ~300-token cache (`synthetic_context`) and times, for
 * a torch.profiler breakdown (the fastest of `--profiled` runs) of the same forward: every top-level aten/quantized op
   is charged to the innermost model part it ran in (forward hooks open a `record_function` scope per module):
   linears (the 7 per layer), lm_head, attention (the attention function itself), KV-cache write, norms, rope
-  (cos/sin + applying it), MLP activation (silu * up), residual adds and reshapes ("glue"), embedding, and the
+  (cos/sin + applying it), MLP activation (silu * up), residual adds and reshapes ("glue"), in lean layers
+  (`castspec.models.lean`) their norms, rope, activation and residuals together ("lean_misc"), embedding, and the
   runner's mask building outside the model. "dispatch/Python" is wall minus the sum of op times: Python in
   `transformers`/castspec, module calls, hooks of the stock model, and torch's dispatcher between ops.
 
@@ -40,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 from castspec.cost.profiler import cpu_description  # noqa: E402
 from castspec.models.runner import CausalLMRunner  # noqa: E402
 
-PARTS = ["linear", "lm_head", "attention", "kv_write", "norm", "rope", "mlp_act", "glue", "embed", "runner",
-         "post"]
+PARTS = ["linear", "lm_head", "attention", "kv_write", "norm", "rope", "mlp_act", "lean_misc", "glue", "embed",
+         "runner", "post"]
 LABEL = "castspec::"
 
 
@@ -49,7 +50,7 @@ LABEL = "castspec::"
 # loading, as load_generator does
 
 
-def load_draft(name: str, vocab: int = 0, fuse: bool = False):
+def load_draft(name: str, vocab: int = 0, fuse: bool = False, lean: bool = False):
     from castspec.models.attention import use_tree_attention
     from castspec.models.kernels import quantize_draft_int8, use_fast_cpu_linears
     from castspec.models.load import load_model
@@ -64,6 +65,10 @@ def load_draft(name: str, vocab: int = 0, fuse: bool = False):
         from castspec.models.fuse import fuse_projections
 
         fuse_projections(model)
+    if lean:
+        from castspec.models.lean import use_lean_layers
+
+        use_lean_layers(model)
     quantize_draft_int8(model)
     use_fast_cpu_linears(model)
     return model
@@ -148,6 +153,8 @@ def _module_part(name: str, module: torch.nn.Module) -> str | None:
         return "mlp_act"  # what the MLP does besides its linears: silu and the product
     if cls.endswith("Attention"):
         return "rope"  # what attention modules do besides linears, the attention function and the cache: rope, views
+    if cls == "LeanDecoderLayer":
+        return "lean_misc"  # a lean layer's own ops: norms, rope, silu * up, residual adds
     if cls.endswith("DecoderLayer"):
         return "glue"  # residual adds
     if isinstance(module, torch.nn.Embedding):
@@ -248,42 +255,76 @@ def breakdown(runner, model, n, role, runs, generator) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def measure(model, role: str, ns: list[int], context: int, repeats: int, profiled: int, threads: int) -> dict:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        runner = make_runner(model, role)
-        runner.synthetic_context(1, context, seed=7)
-        generator = torch.Generator().manual_seed(0)
+class Subject:
+    """One model as the engine runs it, with a ~`context`-token cache."""
+
+    def __init__(self, key: str, model, role: str, context: int, threads: int, info: dict):
+        self.key, self.model, self.role, self.threads, self.info = key, model, role, threads, info
+        with self.thread_count():
+            self.runner = make_runner(model, role)
+            self.runner.synthetic_context(1, context, seed=7)
+        self.generator = torch.Generator().manual_seed(0)
+        self.walls: dict[int, list[dict[str, float]]] = defaultdict(list)
+
+    def thread_count(self):
+        subject = self
+
+        class _Threads:
+            def __enter__(self):
+                self.previous = torch.get_num_threads()
+                torch.set_num_threads(subject.threads)
+
+            def __exit__(self, *exc):
+                torch.set_num_threads(self.previous)
+
+        return _Threads()
+
+    def time_once(self, n: int) -> None:
+        with self.thread_count():
+            self.walls[n].append(wall_ms(self.runner, n, self.role, 1, self.generator))
+
+    def row(self, n: int, profiled: int) -> dict:
+        runs = self.walls[n]
+        wall = {"forward_ms": min(r["forward_ms"] for r in runs), "step_ms": min(r["step_ms"] for r in runs),
+                "forward_median_ms": statistics.median(r["forward_ms"] for r in runs)}
+        with self.thread_count():
+            parts = breakdown(self.runner, self.model, n, self.role, profiled, self.generator)
+        op_total = sum(parts.get(p, 0.0) for p in PARTS)
+        reference = wall["step_ms"] if self.role == "draft" else wall["forward_ms"]
+        print(f"  {self.key} n={n}: forward {wall['forward_ms']:.1f} ms, step {wall['step_ms']:.1f} ms, ops "
+              f"{op_total:.1f} ms in {parts['ops']} ops", file=sys.stderr, flush=True)
+        return {**{k: round(v, 3) for k, v in wall.items()}, "parts_ms": {p: parts.get(p, 0.0) for p in PARTS},
+                "ops_ms": round(op_total, 3), "overhead_ms": round(reference - op_total, 3),
+                "profiled_wall_ms": parts["profiled_wall"], "ops": parts["ops"]}
+
+
+def measure(subjects: list[Subject], ns: list[int], repeats: int, profiled: int) -> None:
+    """Wall times interleaved: each round times every subject once, so a busy moment of a shared machine hits them
+    alike; the fastest per subject is kept. Then each subject's profiled breakdown."""
+    for subject in subjects:
         for _ in range(2):
-            wall_ms(runner, 1, role, 1, generator)  # warm-up
-        rows = {}
-        for n in ns:
-            wall = wall_ms(runner, n, role, repeats, generator)
-            parts = breakdown(runner, model, n, role, profiled, generator)
-            op_total = sum(parts.get(p, 0.0) for p in PARTS)
-            reference = wall["step_ms"] if role == "draft" else wall["forward_ms"]
-            rows[n] = {**wall, "parts_ms": {p: parts.get(p, 0.0) for p in PARTS}, "ops_ms": round(op_total, 3),
-                       "overhead_ms": round(reference - op_total, 3),
-                       "profiled_wall_ms": parts["profiled_wall"], "ops": parts["ops"]}
-            print(f"  {role} n={n}: forward {wall['forward_ms']:.1f} ms, step {wall['step_ms']:.1f} ms, ops "
-                  f"{op_total:.1f} ms in {parts['ops']} ops", file=sys.stderr, flush=True)
-        return rows
-    finally:
-        torch.set_num_threads(previous)
+            subject.time_once(1)  # warm-up
+        subject.walls.clear()
+    for n in ns:
+        for _ in range(repeats):
+            for subject in subjects:
+                if subject.role == "draft" or n == 1:
+                    subject.time_once(n)
+    for subject in subjects:
+        subject.info["rows"] = {str(n): subject.row(n, profiled) for n in ns if subject.walls[n]}
 
 
 def render(results: dict) -> str:
     lines = [f"# Draft forward cost breakdown ({results['env']['cpu']}, {results['env']['threads']} threads, "
              f"context {results['context']})", "",
-             f"Measured {results['env']['when']}; load average before {results['env']['load_before']}, after "
-             f"{results['env']['load_after']}. Wall = fastest of {results['repeats']} runs without the profiler; "
-             f"parts = the fastest of {results['profiled']} profiled runs (top-level op time charged to the model part "
-             "it ran in); dispatch/Python = wall - sum of parts. Draft wall includes the engine's log-softmax + "
-             "top-k over the vocabulary (`post`).", ""]
-    target_ms = None
-    if "target" in results["models"]:
-        target_ms = results["models"]["target"]["rows"]["1"]["forward_ms"]
+             f"Measured {results['env']['when']}; load average before {results['env']['load_before']:.2f}, after "
+             f"{results['env']['load_after']:.2f}. Wall = fastest of {results['repeats']} runs without the profiler "
+             "(every model timed in turn in each round, so a busy moment hits all alike); parts = the fastest of "
+             f"{results['profiled']} profiled runs (top-level op time charged to the model part it ran in); "
+             "dispatch/Python = wall - sum of parts. Draft wall includes the engine's log-softmax + top-k over the "
+             "vocabulary (`post`). Ratio = wall / the target's wall at n = 1.", ""]
+    target_ms = next((m["rows"]["1"]["forward_ms"] for m in results["models"].values() if m["role"] == "target"),
+                     None)
     header = "| model | n | wall ms | " + " | ".join(PARTS) + " | dispatch/Python | ops | vs target n=1 |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for key, entry in results["models"].items():
@@ -306,8 +347,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--profiled", type=int, default=3)
     parser.add_argument("--variants", default="base",
-                        help="comma-separated draft variants: base, vocabN (reduced lm_head), fuse, threads1, or "
-                             "combinations joined by '+', e.g. base,vocab32768,vocab32768+fuse")
+                        help="comma-separated draft variants: base, vocabN (reduced lm_head), fuse (fused "
+                             "projections), lean (lean layers, fused), threadsN, or combinations joined by '+', "
+                             "e.g. base,vocab32768,vocab65536+lean")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -317,25 +359,23 @@ def main() -> int:
                      "env": {"cpu": cpu_description(), "threads": threads, "host": platform.node(),
                              "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
                              "load_before": os.getloadavg()[0]}}
+    subjects = []
     if args.target_dtype != "none":
-        print(f"target {args.target} ({args.target_dtype})", file=sys.stderr, flush=True)
+        print(f"loading target {args.target} ({args.target_dtype})", file=sys.stderr, flush=True)
         target = load_target(args.target, args.target_dtype)
-        rows = measure(target, "target", [1], args.context, args.repeats, args.profiled, threads)
-        results["models"][f"target-{args.target_dtype}"] = {"role": "target", "rows": {str(k): v for k, v in
-                                                                                        rows.items()}}
-        del target
+        info = results["models"][f"target-{args.target_dtype}"] = {"role": "target"}
+        subjects.append(Subject(f"target-{args.target_dtype}", target, "target", args.context, threads, info))
     for variant in args.variants.split(","):
         opts = variant.split("+")
         vocab = next((int(o[5:]) for o in opts if o.startswith("vocab")), 0)
-        fuse = "fuse" in opts
+        fuse, lean = "fuse" in opts, "lean" in opts
         draft_threads = next((int(o[7:]) for o in opts if o.startswith("threads")), threads)
-        print(f"draft {args.draft} variant {variant}", file=sys.stderr, flush=True)
-        draft = load_draft(args.draft, vocab=vocab, fuse=fuse)
-        rows = measure(draft, "draft", ns, args.context, args.repeats, args.profiled, draft_threads)
-        results["models"][f"draft-{variant}"] = {"role": "draft", "vocab": vocab, "fuse": fuse,
-                                                 "threads": draft_threads,
-                                                 "rows": {str(k): v for k, v in rows.items()}}
-        del draft
+        print(f"loading draft {args.draft} variant {variant}", file=sys.stderr, flush=True)
+        draft = load_draft(args.draft, vocab=vocab, fuse=fuse, lean=lean)
+        info = results["models"][f"draft-{variant}"] = {"role": "draft", "vocab": vocab, "fuse": fuse or lean,
+                                                        "lean": lean, "threads": draft_threads}
+        subjects.append(Subject(f"draft-{variant}", draft, "draft", args.context, draft_threads, info))
+    measure(subjects, ns, args.repeats, args.profiled)
     results["env"]["load_after"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))

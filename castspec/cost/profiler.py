@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from castspec.cost.table import CostTable
 from castspec.errors import CastspecError
+from castspec.models.draft_head import draft_vocab_ids, draft_vocab_size
 from castspec.models.kernels import describe_kernels
 from castspec.models.runner import CausalLMRunner
 
@@ -87,8 +88,11 @@ def model_fingerprint(model) -> dict[str, Any]:
     params = sum(p.numel() for p in model.parameters())
     digest = hashlib.sha256(f"{config_text}\0{params}".encode()).hexdigest()[:12]
     name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name
-    return {"name": name, "hash": digest, "dtype": str(model.dtype).replace("torch.", ""),
-            "kernels": describe_kernels(model), "params": params}
+    out = {"name": name, "hash": digest, "dtype": str(model.dtype).replace("torch.", ""),
+           "kernels": describe_kernels(model), "params": params}
+    if draft_vocab_ids(model) is not None:  # a reduced output head (its parameter count is in the hash too)
+        out["proposes"] = draft_vocab_size(model)
+    return out
 
 
 def expected_meta(models: dict[str, Any]) -> dict[str, Any]:
@@ -132,8 +136,12 @@ def profile(models: dict[str, Any], grid: Grid, progress: bool = True) -> CostTa
     meta = expected_meta(models)
     meta["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
     meta["host"] = platform.node() or os.uname().nodename
-    return CostTable(meta=meta, batch_sizes=list(grid.batch_sizes), contexts=list(grid.contexts),
-                     tokens=list(grid.tokens), ms=ms, extra={"repeats": grid.repeats})
+    table = CostTable(meta=meta, batch_sizes=list(grid.batch_sizes), contexts=list(grid.contexts),
+                      tokens=list(grid.tokens), ms=ms, extra={"repeats": grid.repeats})
+    ratios = table.draft_ratios()
+    if ratios is not None:  # for reading the table: what a draft level costs against a plain decoding step
+        table.extra["draft_vs_target_1"] = ratios
+    return table
 
 
 def _synthetic_context(runner: CausalLMRunner, batch: int, length: int) -> None:

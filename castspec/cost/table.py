@@ -72,6 +72,15 @@ class CostTable:
         (n0, t0), (n1, t1) = points[i - 1], points[i]
         return t0 + (tokens - n0) * (t1 - t0) / (n1 - n0)
 
+    def draft_ratios(self) -> list[list[list[float | None]]] | None:
+        """[B][c][n] draft time over n tokens / target time over 1 token at the same B and c (what one draft level
+        costs in units of a plain decoding step), or None without both roles. Measured values, not the fit."""
+        if "draft" not in self.ms or "target" not in self.ms:
+            return None
+        return [[[None if d is None or plane_t[ci][0] is None else round(d / plane_t[ci][0], 4)
+                  for d in row] for ci, row in enumerate(plane_d)]
+                for plane_d, plane_t in zip(self.ms["draft"], self.ms["target"], strict=True)]
+
     # --- storage ---------------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         data = {"format": FORMAT, "meta": self.meta, "grid": {"batch_sizes": self.batch_sizes,

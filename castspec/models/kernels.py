@@ -328,7 +328,8 @@ def _is_int8_dynamic_linear(module: nn.Module) -> bool:
 
 def describe_kernels(model: nn.Module) -> str:
     """Name the kernels `model` runs: linears "stock", "onednn-fp32", "int8-dynamic", "int8-rows" (several joined by
-    "+"), plus "+tree-attn" when its attention is `castspec.models.attention.tree_attention`."""
+    "+"), plus "+tree-attn" when its attention is `castspec.models.attention.tree_attention`, "+lean" with lean
+    decoder layers (`castspec.models.lean`), "+fused" with fused projections alone (`castspec.models.fuse`)."""
     from castspec.models.formats import RowInt8Linear
 
     kinds = set()
@@ -344,6 +345,10 @@ def describe_kernels(model: nn.Module) -> str:
     order = ["int8-rows", "int8-dynamic", "onednn-fp32", "stock"]
     linears = "+".join(k for k in order if k in kinds) or "stock"
     from castspec.models.attention import ATTENTION_NAME
+    from castspec.models.fuse import FusedPart
+    from castspec.models.lean import LeanDecoderLayer
 
     tree_attn = getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTENTION_NAME
-    return linears + ("+tree-attn" if tree_attn else "")
+    lean = any(isinstance(m, LeanDecoderLayer) for m in model.modules())
+    fused = not lean and any(isinstance(m, FusedPart) for m in model.modules())
+    return linears + ("+tree-attn" if tree_attn else "") + ("+lean" if lean else "") + ("+fused" if fused else "")
