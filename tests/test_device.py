@@ -59,6 +59,7 @@ class FakeDraftRunner:
 
     def __init__(self):
         self.next_pos = torch.full((BATCH,), 7, dtype=torch.long, device=DEVICE)
+        self.model = SimpleNamespace(config=SimpleNamespace(vocab_size=VOCAB))  # a full output head
 
     def prefill(self, *args, **kwargs) -> None:
         pass
