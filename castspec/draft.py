@@ -35,6 +35,19 @@ class DraftLM:
         self.pending_valid = torch.ones_like(self.pending, dtype=torch.bool)
         self.started = False
 
+    def add_rows(self, prompts: list[list[int]], first_token: torch.Tensor, budget: int = 0,
+                 fresh: bool = False) -> None:
+        """New sequences join after the live ones (between steps): prefill them; their first token waits."""
+        if fresh:
+            return self.prefill(prompts, first_token, budget)
+        self.runner.add_rows(prompts, budget)
+        width = self.pending.shape[1]
+        new = torch.zeros(first_token.shape[0], width, dtype=self.pending.dtype, device=self.pending.device)
+        new[:, -1] = first_token
+        new_valid = torch.zeros_like(new, dtype=torch.bool)
+        new_valid[:, -1] = True  # pending tokens sit right-aligned (padding first)
+        self.set_pending(torch.cat([self.pending, new]), torch.cat([self.pending_valid, new_valid]))
+
     def start(self) -> torch.Tensor:
         """Feed the pending tokens; returns the log-probabilities of the root's children [B, 1, V] (V: `vocab_size`
         columns, see `token_ids`)."""

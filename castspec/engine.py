@@ -110,17 +110,30 @@ class GenerationResult:
 
 @dataclass
 class BatchState:
-    """The live batch between steps: which caller rows it holds (in cache order) and what each still needs."""
+    """The live batch between steps: which sequences it holds (in cache order) and what each still needs.
 
-    rows: list[int]  # the caller's index of each live sequence
-    root: torch.Tensor  # [B] each sequence's last token, not yet in the target's cache
-    produced: list[int]  # tokens emitted so far, by caller index
-    budget: int
-    choose: TokenChooser
-    stats: list[GenerationStats]  # by caller index
-    batch_stats: BatchStats
-    drafter: DraftLM | None  # None when the policy decodes plainly: the draft model is never touched
+    Sequences are known by the caller's keys (any ints). They join (`SpeculativeGenerator.add_rows`) and leave
+    (they finish, or `remove_rows`) between steps; every step serves the rows present at that moment."""
+
+    rows: list[int] = field(default_factory=list)  # the caller's key of each live sequence, in cache order
+    root: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [B] last tokens
+    produced: dict[int, int] = field(default_factory=dict)  # tokens emitted so far, by key
+    budget: dict[int, int] = field(default_factory=dict)  # max new tokens, by key
+    choosers: dict[int, TokenChooser] = field(default_factory=dict)  # each sequence's own sampling, by key
+    stats: dict[int, GenerationStats] = field(default_factory=dict)  # by key
+    batch_stats: BatchStats = field(default_factory=BatchStats)
+    drafter: DraftLM | None = None  # None when the policy decodes plainly: the draft model is never touched
     start_time: float = 0.0
+    joined: dict[int, float] = field(default_factory=dict)  # when each sequence joined (its latency's start)
+    prompt_len: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [B], rows' order
+
+    def choose(self, logits: torch.Tensor, index: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """Each row's target token at each of n positions from logits [B, n, V], by that row's own chooser;
+        `index` [B, n] is the output index the chosen token would have (see `TokenChooser`)."""
+        choosers = [self.choosers[key] for key in (self.rows if rows is None else rows)]
+        if all(c.config.greedy for c in choosers):
+            return logits.argmax(dim=-1)
+        return torch.stack([chooser(logits[i], index[i]) for i, chooser in enumerate(choosers)])
 
 
 class SpeculativeGenerator:
@@ -165,15 +178,15 @@ class SpeculativeGenerator:
         Each output is distributed exactly as that prompt's own decoding (identical, when greedy). Sequences that
         finish (EOS or budget) leave the batch. `on_tokens(row, tokens)` is called as tokens are accepted.
         """
-        chooser = TokenChooser(SamplingConfig(temperature, top_k, top_p, seed), self.target.device)
+        config = SamplingConfig(temperature, top_k, top_p, seed)
         if not prompts:
             raise CastspecError("no prompts given")
         ids = [self.encode(p, chat) for p in prompts]
         for row in ids:
             self._check_lengths(len(row), max_new_tokens)
         outs: list[list[int]] = [[] for _ in ids]
-        state = self._start(ids, max_new_tokens, chooser)
-        for row, tokens in self._decode(state, ids):
+        state = self.open_batch()
+        for row, tokens in self._decode(state, ids, max_new_tokens, config):
             outs[row].extend(tokens)
             if on_tokens is not None:
                 on_tokens(row, tokens)
@@ -191,17 +204,21 @@ class SpeculativeGenerator:
         """Yield text pieces as tokens are accepted."""
         ids = self.encode(prompt, chat)
         self._check_lengths(len(ids), max_new_tokens)
-        chooser = TokenChooser(SamplingConfig(temperature, top_k, top_p, seed), self.target.device)
+        config = SamplingConfig(temperature, top_k, top_p, seed)
         out: list[int] = []
         shown = ""
-        state = self._start([ids], max_new_tokens, chooser)
-        for _, tokens in self._decode(state, [ids]):
+        state = self.open_batch()
+        for _, tokens in self._decode(state, [ids], max_new_tokens, config):
             out.extend(tokens)
             text = self.tokenizer.decode(out, skip_special_tokens=True)
             if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
                 continue
             yield text[len(shown):]
             shown = text
+
+    def chooser(self, config: SamplingConfig, stream: int = 0) -> TokenChooser:
+        """A sequence's token chooser on the target's device; `stream` separates rows that share one seed."""
+        return TokenChooser(config, self.target.device, stream)
 
     def encode(self, prompt: str | list[int] | torch.Tensor, chat: bool = False) -> list[int]:
         """Token ids of a prompt given as text (optionally in the chat template), a list of ids or a tensor."""
@@ -232,59 +249,97 @@ class SpeculativeGenerator:
             raise CastspecError(f"prompt token id {bad} is outside the vocabulary (0 .. {self.vocab_size - 1})")
         return ids
 
-    # --- the loop: start a batch, step it, retire finished rows ---------------------------------------------
-    def _start(self, prompts: list[list[int]], max_new_tokens: int, choose: TokenChooser) -> BatchState:
-        """A new batch: nothing is prefilled yet (that is the first thing `_decode` does, and it is timed)."""
+    # --- the loop: a live batch that sequences join and leave between steps ---------------------------------
+    def open_batch(self) -> BatchState:
+        """An empty live batch. The caches live in this generator, so it serves one live batch at a time."""
         drafter = None
         if self.policy.uses_draft:
             if self.drafter is None:
                 raise CastspecError(f"policy '{self.policy.name}' needs a draft model, and this generator has none")
             drafter = self.drafter
-        rows = list(range(len(prompts)))
-        return BatchState(rows=rows, root=torch.zeros(0, dtype=torch.long), produced=[0] * len(prompts),
-                          budget=max_new_tokens, choose=choose, stats=[GenerationStats() for _ in prompts],
-                          batch_stats=BatchStats(rows=len(prompts)), drafter=drafter)
+        return BatchState(drafter=drafter, start_time=time.perf_counter())
 
-    def _decode(self, state: BatchState, prompts: list[list[int]]) -> Iterator[tuple[int, list[int]]]:
-        """Yield (caller row, accepted tokens) as steps complete, until every sequence has finished."""
+    def add_rows(self, state: BatchState, keys: list[int], prompts: list[list[int]], max_new_tokens: list[int],
+                 choosers: list[TokenChooser]) -> list[tuple[int, list[int], bool]]:
+        """Prefill new sequences (target, and draft if the batch speculates) and merge them into the live batch.
+
+        Returns (key, first token, finished) for each; finished ones have already left. The rows already in the
+        batch keep their caches: a joining row never changes another row's tokens (canonical attention)."""
+        if len(set(keys)) != len(keys) or set(keys) & set(state.rows):
+            raise CastspecError("a sequence key must be unique in the live batch")
+        t0 = time.perf_counter()
+        fresh = not state.rows
+        now = t0 - state.start_time
+        for key, budget, chooser in zip(keys, max_new_tokens, choosers, strict=True):
+            state.produced[key], state.budget[key], state.choosers[key] = 0, budget, chooser
+            state.stats[key], state.joined[key] = GenerationStats(), now
+            chooser.reserve(budget + 1)
+        logits = self.target.add_rows(prompts, max(max_new_tokens), fresh=fresh)  # [n, V]: each last position
+        first = state.choose(logits[:, None], torch.zeros(len(keys), 1, dtype=torch.long, device=logits.device),
+                             keys)[:, 0]
+        prompt_len = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=logits.device)
+        if state.drafter is not None:
+            state.drafter.add_rows(prompts, first, max(max_new_tokens), fresh=fresh)
+        state.rows = state.rows + list(keys)
+        state.root = first if fresh else torch.cat([state.root, first])
+        state.prompt_len = prompt_len if fresh else torch.cat([state.prompt_len, prompt_len])
+        elapsed = time.perf_counter() - t0
+        state.batch_stats.rows += len(keys)
+        state.batch_stats.prefill_s += elapsed
+        for key in keys:
+            state.stats[key].prefill_s = elapsed
+        tokens = [[t] for t in first.tolist()]
+        return self._finish(state, keys, tokens)
+
+    def step(self, state: BatchState) -> list[tuple[int, list[int], bool]]:
+        """One speculative step for every live row: (key, new tokens, finished). Finished rows have left."""
+        if not state.rows:
+            return []
+        return self._finish(state, list(state.rows), self._step(state))
+
+    def remove_rows(self, state: BatchState, keys: list[int]) -> None:
+        """These sequences leave the batch now (cancelled): they cost no more work."""
+        gone = set(keys) & set(state.rows)
+        now = time.perf_counter() - state.start_time
+        for key in gone:
+            state.stats[key].wall_s = now - state.joined[key]
+        self._retire(state, gone)
+
+    def _decode(self, state: BatchState, prompts: list[list[int]], max_new_tokens: int, config: SamplingConfig,
+                ) -> Iterator[tuple[int, list[int]]]:
+        """Yield (caller row, accepted tokens) as steps complete, until every sequence has finished. Row i samples
+        from stream i of the seed: rows are independent, and row 0 draws as the same prompt would alone."""
         state.start_time = time.perf_counter()
-        first = self._prefill(state, prompts)
-        finished = self._emit(state, first)
-        yield from ((row, tokens) for row, tokens in zip(state.rows, first, strict=True))
+        keys = list(range(len(prompts)))
+        choosers = [self.chooser(config, stream=key) for key in keys]
+        events = self.add_rows(state, keys, prompts, [max_new_tokens] * len(keys), choosers)
         while True:
-            self._retire(state, finished)
+            yield from ((key, tokens) for key, tokens, _ in events if tokens)
             if not state.rows:
                 break
-            accepted = self._step(state)
-            finished = self._emit(state, accepted)
-            yield from ((row, tokens) for row, tokens in zip(state.rows, accepted, strict=True) if tokens)
+            events = self.step(state)
         state.batch_stats.wall_s = time.perf_counter() - state.start_time
 
-    def _prefill(self, state: BatchState, prompts: list[list[int]]) -> list[list[int]]:
-        """Run the prompts through the target (and the draft, if this batch speculates); the first token each."""
-        t0 = time.perf_counter()
-        state.root = state.choose(self.target.prefill(prompts, state.budget))
-        if state.drafter is not None:
-            state.drafter.prefill(prompts, state.root, state.budget)
-        elapsed = time.perf_counter() - t0
-        state.batch_stats.prefill_s = elapsed
-        for row in state.rows:
-            state.stats[row].prefill_s = elapsed
-        return [[t] for t in state.root.tolist()]
+    def _finish(self, state: BatchState, keys: list[int], tokens: list[list[int]],
+                ) -> list[tuple[int, list[int], bool]]:
+        """Cut tokens at budgets and EOS, let finished rows leave, and report (key, tokens, finished)."""
+        finished = self._emit(state, keys, tokens)
+        self._retire(state, finished)
+        return [(key, toks, key in finished) for key, toks in zip(keys, tokens, strict=True)]
 
     def _step(self, state: BatchState) -> list[list[int]]:
         """One speculative step for the live batch: draft, verify in one target forward, commit the accepted path.
 
         Returns each live row's accepted tokens (drafted ones that the target agreed with, then its own token)."""
         ctx = StepContext(batch_size=len(state.rows), context_len=self.target.cache.max_length,
-                          remaining=max(state.budget - state.produced[row] for row in state.rows))
+                          remaining=max(state.budget[row] - state.produced[row] for row in state.rows))
         self.policy.begin_step(ctx)
         t0 = time.perf_counter()
         tree = self._draft(state.root, ctx)
         t1 = time.perf_counter()
         nodes = self.policy.select(tree) if tree.size else tree.tokens
         vtree = tree.select(nodes)
-        outcome = self._verify(vtree, state.choose)
+        outcome = self._verify(vtree, state)
         if state.drafter is not None:
             state.drafter.finish_step(tree, vtree.nodes, outcome)
         t2 = time.perf_counter()
@@ -312,21 +367,22 @@ class SpeculativeGenerator:
         new_tokens = outcome.new_tokens.tolist()
         return [new_tokens[i][: n_accepted[i] + 1] for i in range(len(state.rows))]
 
-    def _verify(self, vtree, choose: TokenChooser):
+    def _verify(self, vtree, state: BatchState):
         """The target's one forward over root + verified nodes; its cache keeps exactly the accepted path."""
         tokens, positions, block_mask = vtree.block_inputs(self.target.next_pos)
         self.target.begin_block()
         logits = self.target.forward(tokens, positions, block_mask)
-        outcome = verify(vtree, choose(logits))
+        # The token chosen at a node at position p is output token p + 1 - prompt length of its row.
+        outcome = verify(vtree, state.choose(logits, positions + 1 - state.prompt_len[:, None]))
         root_slot = torch.zeros_like(outcome.bonus)[:, None]
         self.target.commit(torch.cat([root_slot, outcome.path + 1], dim=1), outcome.n_accepted + 1)
         return outcome
 
-    def _emit(self, state: BatchState, accepted: list[list[int]]) -> set[int]:
+    def _emit(self, state: BatchState, keys: list[int], accepted: list[list[int]]) -> set[int]:
         """Cut each row's accepted tokens at its budget and at EOS (in place); return the rows that finished."""
         finished = set()
-        for row, tokens in zip(state.rows, accepted, strict=True):
-            del tokens[state.budget - state.produced[row]:]
+        for row, tokens in zip(keys, accepted, strict=True):
+            del tokens[state.budget[row] - state.produced[row]:]
             for i, token in enumerate(tokens):
                 if token in self.eos_ids:
                     del tokens[i + 1:]
@@ -334,11 +390,11 @@ class SpeculativeGenerator:
                     break
             state.produced[row] += len(tokens)
             state.batch_stats.new_tokens += len(tokens)
-            if state.produced[row] >= state.budget:
+            if state.produced[row] >= state.budget[row]:
                 finished.add(row)
         now = time.perf_counter() - state.start_time
         for row in finished:
-            state.stats[row].wall_s = now
+            state.stats[row].wall_s = now - state.joined[row]
         return finished
 
     def _retire(self, state: BatchState, finished: set[int]) -> None:
@@ -347,12 +403,14 @@ class SpeculativeGenerator:
             return
         keep = [i for i, row in enumerate(state.rows) if row not in finished]
         state.rows = [state.rows[i] for i in keep]
-        if not keep:
+        if not keep:  # the next row to join starts fresh caches
+            state.root, state.prompt_len = state.root[:0], state.prompt_len[:0]
             return
         self.target.keep_rows(keep)
         if state.drafter is not None:
             state.drafter.keep_rows(keep)
-        state.root = state.root[torch.tensor(keep, dtype=torch.long, device=state.root.device)]
+        index = torch.tensor(keep, dtype=torch.long, device=state.root.device)
+        state.root, state.prompt_len = state.root[index], state.prompt_len[index]
 
     def _draft(self, root: torch.Tensor, ctx: StepContext) -> DraftTree:
         """Grow the tree level by level; one draft forward per expanded level."""

@@ -12,6 +12,11 @@ with the child's own, independent draw, else y is the bonus token and the step e
 fresh draw from the target's conditional distribution given everything emitted before it — plain sampling from the
 target, whatever the tree. Draws at nodes off the path are simply unused.
 
+The randomness of a draw is keyed by the output index it would fill (`TokenChooser`): the nodes of one depth share a
+uniform number, nodes of different depths never do. Only one node per depth lies on the accepted path, so the
+emitted tokens still see independent uniforms; and a seeded sequence's tokens are then a function of the seed and
+the target's logits alone, the same whatever tree a policy verifies and whatever else shares the batch.
+
 This is the recursive rejection scheme of multi-draft speculative sampling (SpecInfer) specialised to how our
 drafts propose children: deterministically, the draft's top-k tokens without replacement (a point-mass proposal
 per child, q = 1). With q = 1, "accept child x with probability p(x)/q(x), else zero x out of p and renormalise,
@@ -24,6 +29,7 @@ target mass on the children, the best any verifier can get from a fixed set of c
 
 from __future__ import annotations
 
+import hashlib
 import math
 import operator
 import secrets
@@ -86,12 +92,24 @@ def _is_number(value: object) -> bool:
 
 
 class TokenChooser:
-    """Chooses the target's token at each position from its logits, greedily or by seeded sampling."""
+    """Chooses the target's token at each position from its logits, greedily or by seeded sampling.
 
-    def __init__(self, config: SamplingConfig, device: torch.device | str = "cpu"):
+    A sampled token is drawn by inverting the target's CDF (token-id order) at a uniform number that depends only
+    on the seed, the stream (row of a shared-seed call) and the index of the output token it would become. So a
+    seeded sequence gets the same tokens whatever tree shapes a policy picks and whatever shares its batch, and each
+    output token is still an independent draw from the target's conditional distribution (the uniforms of distinct
+    indices are independent; siblings in a tree share one, but at most one node per depth is on the accepted path).
+    """
+
+    CHUNK = 1024  # uniforms are made in fixed chunks, each from its own seed: the same values however far it grows
+
+    def __init__(self, config: SamplingConfig, device: torch.device | str = "cpu", stream: int = 0):
         self.config = config
-        self.generator = None
+        self.device = torch.device(device)
         self.warpers = None
+        self.seed = self.stream = 0
+        self._table = torch.zeros(0, dtype=torch.float64, device=self.device)
+        self._drawn = 0  # next index for calls that give none
         if not config.greedy:
             from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -101,23 +119,41 @@ class TokenChooser:
             if config.top_p < 1.0:
                 warpers.append(TopPLogitsWarper(config.top_p))
             self.warpers = LogitsProcessorList(warpers)  # the same order as `generate`'s sampling warpers
-            self.generator = torch.Generator(device=device)
             # No seed: fresh OS entropy. `torch.seed()` would also reseed torch's global generator behind the
             # caller's back, changing every later `torch.rand` of theirs.
-            self.generator.manual_seed(config.seed if config.seed is not None else secrets.randbits(63))
+            self.seed = int(config.seed) if config.seed is not None else secrets.randbits(63)
+            self.stream = int(stream)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The target's sampling distribution for logits [..., V] (for tests and diagnostics)."""
         flat = logits.reshape(-1, logits.shape[-1]).float()
         return torch.softmax(self.warpers(None, flat), dim=-1).view(logits.shape)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """Tokens [...] for logits [..., V]: argmax, or one independent draw per position."""
+    def reserve(self, count: int) -> None:
+        """Have uniforms ready for output indices 0 .. count - 1 (the engine calls it when a sequence joins)."""
+        if self.config.greedy or count <= self._table.shape[0]:
+            return
+        chunks = [self._table.cpu()]
+        for chunk in range(self._table.shape[0] // self.CHUNK, -(-count // self.CHUNK)):
+            digest = hashlib.blake2b(f"{self.seed}:{self.stream}:{chunk}".encode(), digest_size=8).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+            chunks.append(torch.rand(self.CHUNK, dtype=torch.float64, generator=generator))
+        self._table = torch.cat(chunks).to(self.device)  # made on the CPU: the same numbers on every device
+
+    def __call__(self, logits: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens [...] for logits [..., V]: argmax, or the draw for output index `index` [...] at each position
+        (default: the next indices in order)."""
         if self.config.greedy:
             return logits.argmax(dim=-1)
-        probs = self.probabilities(logits)
-        flat = probs.reshape(-1, probs.shape[-1])
-        return torch.multinomial(flat, 1, generator=self.generator).view(probs.shape[:-1])
+        if index is None:
+            count = logits[..., 0].numel()
+            index = torch.arange(self._drawn, self._drawn + count, device=logits.device).view(logits.shape[:-1])
+            self._drawn += count
+            self.reserve(self._drawn)
+        cdf = self.probabilities(logits).double().cumsum(dim=-1)
+        u = self._table[index.clamp(0, self._table.shape[0] - 1).to(self._table.device)].to(cdf.device)
+        token = torch.searchsorted(cdf, (u * cdf[..., -1])[..., None].contiguous(), right=True)[..., 0]
+        return token.clamp(max=logits.shape[-1] - 1)
 
 
 def verify_greedy(tree: VerifyTree, logits: torch.Tensor) -> Outcome:

@@ -153,6 +153,27 @@ class TreeKVCache(Cache):
             self.kv = self.kv[:, :, : len(rows)]
         self._sync_lengths()
 
+    def append_rows(self, other: TreeKVCache) -> None:
+        """Append `other`'s rows after this cache's (both between steps): one copy into a buffer sized for both,
+        which happens only when sequences join a live batch."""
+        if self.block or other.block:
+            raise RuntimeError("rows can only join between steps")
+        capacity = max(self.capacity, other.capacity)
+        parts = [c for c in (self, other) if c.kv is not None]
+        if parts:
+            ref = parts[0].kv
+            rows = self.batch_size + other.batch_size
+            kv = torch.zeros(*ref.shape[:2], rows, ref.shape[3], capacity, ref.shape[5], dtype=ref.dtype,
+                             device=self.device)
+            for start, cache in ((0, self), (self.batch_size, other)):
+                if cache.kv is not None:
+                    used = cache.max_length
+                    kv[:, :, start:start + cache.batch_size, :, :used] = cache.kv[..., :used, :]
+            self.kv = kv
+        self.capacity = capacity
+        self.length = torch.cat([self.length, other.length.to(self.device)])
+        self._sync_lengths()
+
     def _sync_lengths(self) -> None:
         low, high = torch.aminmax(self.length) if self.length.numel() else (torch.tensor(0), torch.tensor(0))
         self.min_length, self.max_length = int(low), int(high)

@@ -85,6 +85,24 @@ class CausalLMRunner:
         return logits[:, -1]
 
     @torch.inference_mode()
+    def add_rows(self, prompts: list[list[int]], budget: int = 0, fresh: bool = False) -> torch.Tensor:
+        """Prefill new rows and append them after the live ones (between steps); returns their last logits [n, V].
+
+        `fresh`: there are no live rows, start a new cache. The new rows are prefilled in a cache of their own and
+        then merged, so the live rows' entries are untouched."""
+        if fresh:
+            return self.prefill(prompts, budget)
+        if self.cache.block:
+            raise RuntimeError("rows can only join between steps (a speculative block is open)")
+        live = self.cache
+        logits = self.prefill(prompts, budget)
+        live.append_rows(self.cache)
+        self.cache = live
+        self.begin_block()
+        self.block_pos = torch.zeros(self.batch_size, 0, dtype=torch.long, device=self.device)
+        return logits
+
+    @torch.inference_mode()
     def forward(
         self,
         tokens: torch.Tensor,
