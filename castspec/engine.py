@@ -28,6 +28,8 @@ from castspec.policies.base import check_children_fit
 from castspec.tree import DraftTree
 from castspec.verify import SamplingConfig, TokenChooser, verify
 
+CONTEXT_MARGIN = 256  # positions kept free past a sequence's budget: room for the largest tree a step may verify
+
 
 @dataclass
 class GenerationStats:
@@ -126,6 +128,13 @@ class BatchState:
     start_time: float = 0.0
     joined: dict[int, float] = field(default_factory=dict)  # when each sequence joined (its latency's start)
     prompt_len: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [B], rows' order
+
+    def forget(self, keys: list[int]) -> None:
+        """Drop the records of sequences that have left: a long-lived batch (a server's) would otherwise keep every
+        past sequence's stats and sampling tables. Keys still live are kept."""
+        for key in set(keys) - set(self.rows):
+            for records in (self.produced, self.budget, self.choosers, self.stats, self.joined):
+                records.pop(key, None)
 
     def choose(self, logits: torch.Tensor, index: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """Each row's target token at each of n positions from logits [B, n, V], by that row's own chooser;
@@ -273,13 +282,12 @@ class SpeculativeGenerator:
         for key, budget, chooser in zip(keys, max_new_tokens, choosers, strict=True):
             state.produced[key], state.budget[key], state.choosers[key] = 0, budget, chooser
             state.stats[key], state.joined[key] = GenerationStats(), now
-            chooser.reserve(budget + 1)
-        logits = self.target.add_rows(prompts, max(max_new_tokens), fresh=fresh)  # [n, V]: each last position
-        first = state.choose(logits[:, None], torch.zeros(len(keys), 1, dtype=torch.long, device=logits.device),
-                             keys)[:, 0]
-        prompt_len = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=logits.device)
-        if state.drafter is not None:
-            state.drafter.add_rows(prompts, first, max(max_new_tokens), fresh=fresh)
+        try:
+            first = self._prefill_rows(state, keys, prompts, max_new_tokens, fresh)
+        except BaseException:  # the live rows go on as they were; the new ones never joined
+            state.forget(keys)
+            raise
+        prompt_len = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=first.device)
         state.rows = state.rows + list(keys)
         state.root = first if fresh else torch.cat([state.root, first])
         state.prompt_len = prompt_len if fresh else torch.cat([state.prompt_len, prompt_len])
@@ -290,6 +298,31 @@ class SpeculativeGenerator:
             state.stats[key].prefill_s = elapsed
         tokens = [[t] for t in first.tolist()]
         return self._finish(state, keys, tokens)
+
+    def _prefill_rows(self, state: BatchState, keys: list[int], prompts: list[list[int]],
+                      max_new_tokens: list[int], fresh: bool) -> torch.Tensor:
+        """Prefill new rows into the target (and the draft); their first tokens [n]. On failure the caches hold the
+        live rows only, as before the call."""
+        for key, budget in zip(keys, max_new_tokens, strict=True):
+            state.choosers[key].reserve(budget + 1)
+        live = len(state.rows)
+        logits = self.target.add_rows(prompts, max(max_new_tokens), fresh=fresh)  # [n, V]: each last position
+        try:
+            first = state.choose(logits[:, None], torch.zeros(len(keys), 1, dtype=torch.long, device=logits.device),
+                                 keys)[:, 0]
+            if state.drafter is not None:
+                state.drafter.add_rows(prompts, first, max(max_new_tokens), fresh=fresh)
+        except BaseException:
+            if live:
+                self.target.keep_rows(list(range(live)))
+            raise
+        return first
+
+    def room(self, prompt_len: int) -> int | None:
+        """How many new tokens fit after a prompt of this length (None: the models state no context limit)."""
+        runners = filter(None, [self.target, self.drafter.runner if self.drafter else None])
+        limits = [runner.max_positions for runner in runners if runner.max_positions]
+        return min(limits) - prompt_len - CONTEXT_MARGIN if limits else None
 
     def step(self, state: BatchState) -> list[tuple[int, list[int], bool]]:
         """One speculative step for every live row: (key, new tokens, finished). Finished rows have left."""
@@ -442,13 +475,13 @@ class SpeculativeGenerator:
     def _check_lengths(self, prompt_len: int, max_new_tokens: int) -> None:
         if max_new_tokens < 1:
             raise CastspecError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        margin = 256  # room for the largest tree a step may verify
-        for runner in filter(None, [self.target, self.drafter.runner if self.drafter else None]):
-            limit = runner.max_positions
-            if limit and prompt_len + max_new_tokens + margin > limit:
-                raise CastspecError(
-                    f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model's context of "
-                    f"{limit} positions (keep {margin} for the draft tree); shorten the prompt or --max-new-tokens")
+        room = self.room(prompt_len)
+        if room is not None and max_new_tokens > room:
+            limit = room + prompt_len + CONTEXT_MARGIN
+            raise CastspecError(
+                f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model's context of "
+                f"{limit} positions (keep {CONTEXT_MARGIN} for the draft tree); shorten the prompt or "
+                "--max-new-tokens")
 
 
 def _edge_outcomes(tree: DraftTree, vtree, outcome) -> dict[str, torch.Tensor]:

@@ -119,6 +119,50 @@ def test_keys_must_be_unique(target):
         gen.add_rows(state, [4], [PROMPTS[1]], [5], [TokenChooser(GREEDY)])
 
 
+@pytest.mark.parametrize("where", ["target", "draft"])
+def test_a_row_that_fails_to_join_leaves_the_live_rows_as_they_were(target, where, monkeypatch):
+    """A failed prefill (here: a token id outside the vocabulary, or the draft failing) must not cost the live rows
+    their caches: they go on exactly, and the failed row leaves no record behind."""
+    gen = generator(target, "chain:gamma=3")
+    state = gen.open_batch()
+    outs: dict[int, list[int]] = {}
+    for key, tokens, _ in gen.add_rows(state, [0, 1], PROMPTS[:2], [12, 12], [TokenChooser(GREEDY)] * 2):
+        outs.setdefault(key, []).extend(tokens)
+    for key, tokens, _ in gen.step(state):
+        outs[key].extend(tokens)
+    if where == "draft":
+        def broken(*args, **kwargs):
+            raise RuntimeError("draft prefill failed")
+        monkeypatch.setattr(gen.drafter, "add_rows", broken)
+    bad = [5, 10_000] if where == "target" else PROMPTS[2]
+    with pytest.raises((IndexError, RuntimeError)):
+        gen.add_rows(state, [7], [bad], [12], [TokenChooser(GREEDY)])
+    monkeypatch.undo()
+    assert state.rows == [0, 1] and 7 not in state.stats and 7 not in state.choosers
+    assert gen.target.batch_size == 2 and gen.drafter.runner.batch_size == 2
+    while state.rows:
+        for key, tokens, _ in gen.step(state):
+            outs[key].extend(tokens)
+    for key in (0, 1):
+        assert outs[key] == reference_greedy(target, PROMPTS[key], 12)
+
+
+def test_forget_drops_records_of_rows_that_left_only(target):
+    gen = generator(target, "ar")
+    state = gen.open_batch()
+    gen.add_rows(state, [0, 1], PROMPTS[:2], [1, 8], [TokenChooser(GREEDY)] * 2)  # key 0 is done at once
+    state.forget([0, 1])
+    assert set(state.stats) == set(state.choosers) == set(state.budget) == {1}
+
+
+def test_room_is_what_fits_after_the_prompt(target):
+    gen = generator(target, "ar")
+    assert gen.room(100) == 1024 - 100 - 256
+    gen._check_lengths(100, gen.room(100))
+    with pytest.raises(CastspecError, match="exceeds the model's context"):
+        gen._check_lengths(100, gen.room(100) + 1)
+
+
 def test_kv_cache_append_rows_keeps_both_sides():
     from castspec.models.kv_cache import TreeKVCache
 

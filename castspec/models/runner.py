@@ -94,8 +94,12 @@ class CausalLMRunner:
             return self.prefill(prompts, budget)
         if self.cache.block:
             raise RuntimeError("rows can only join between steps (a speculative block is open)")
-        live = self.cache
-        logits = self.prefill(prompts, budget)
+        live, live_pos = self.cache, self.block_pos
+        try:
+            logits = self.prefill(prompts, budget)
+        except BaseException:  # the live rows' cache stays as it was
+            self.cache, self.block_pos = live, live_pos
+            raise
         live.append_rows(self.cache)
         self.cache = live
         self.begin_block()
