@@ -88,6 +88,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=cmd_generate)
 
+    srv = sub.add_parser(
+        "serve", help="serve an OpenAI-compatible HTTP API with continuous batching",
+        description="Serve the target (sped up by the draft) over HTTP: POST /v1/completions and "
+                    "/v1/chat/completions (OpenAI's request and response format, streaming with \"stream\": true), "
+                    "GET /v1/models, /health and /metrics (Prometheus). Requests join and leave one live batch "
+                    "between decoding steps (continuous batching); a greedy request (\"temperature\": 0) returns "
+                    "exactly the target's own greedy output whatever else is in the batch, and a seeded sampled one "
+                    "the same tokens as alone. The model name clients send is --target's value. SIGINT/SIGTERM stop "
+                    "admitting requests and let running ones finish (up to --shutdown-timeout).",
+        formatter_class=_HelpFormatter)
+    _model_arguments(srv, DEFAULT_TARGET, DEFAULT_DRAFT)
+    srv.add_argument("--policy", default=DEFAULT_POLICY,
+                     help=f"tree policy: {', '.join(policy_names())}, optionally with parameters (as for generate)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    srv.add_argument("--port", type=_port, default=8000, help="TCP port (0: any free port, printed at start)")
+    srv.add_argument("--max-batch-size", type=_positive_int, default=8,
+                     help="most requests decoded at once (cast's cost table is profiled for batch sizes up to this)")
+    srv.add_argument("--max-queue", type=_non_negative_int, default=64,
+                     help="most requests waiting for a batch slot; more are refused with 503 and Retry-After")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="seconds running requests get to finish at shutdown before they are cancelled")
+    srv.add_argument("--no-fast-kernels", action="store_true", help="keep stock nn.Linear kernels on CPU")
+    srv.add_argument("--cost-table", default=None,
+                     help="cost table for cast (default: the one cached for this device and pair, else a quick "
+                          "profile for batch sizes up to --max-batch-size)")
+    srv.set_defaults(func=cmd_serve)
+
     prof = sub.add_parser(
         "profile", help="measure forward costs f(B, c, n) of the target and draft on this device",
         description="Time one forward over n new tokens for B sequences with a c-token cache, for the target and "
@@ -172,6 +199,23 @@ DRAFT_VOCAB_HELP = (
     "still decides every token. Default: $CASTSPEC_DRAFT_VOCAB if set, else 65536: its output head then costs 2.9 "
     "instead of 6.9 ms of a ~50 ms draft forward (AVX2 host, benchmarks/draft_cost), while only 1.6-9.3%% of the "
     "target's tokens on HumanEval and Spec-Bench have larger ids (4.7-15.7%% for 32768)")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0 .. 65535, got {value}")
+    return value
 
 
 def _draft_vocab(text: str) -> int:
@@ -385,6 +429,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"(draft {s.draft_s:.2f} s, verify {s.verify_s:.2f} s)", file=sys.stderr)
     if baseline is not None:
         _print_comparison(args, baseline, out)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from castspec.api import load_generator
+    from castspec.policies import make_policy
+    from castspec.server.app import listen, serve
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.shutdown_timeout >= 0:
+        raise CastspecError(f"--shutdown-timeout must be 0 or more seconds, got {args.shutdown_timeout}")
+    listen(args.host, args.port).close()  # a bad address or a busy port fails now, not after loading the models
+    policy = make_policy(args.policy)
+    gen = load_generator(args.target, args.draft if policy.uses_draft else None, policy, device=args.device,
+                         fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
+                         target_dtype=args.target_dtype, cost_table=args.cost_table,
+                         max_batch_size=args.max_batch_size, draft_vocab=args.draft_vocab)
+    gen.generate(gen.encode("Hello"), max_new_tokens=2)  # warm-up: first-call allocations are not a request's time
+    serve(gen, args.target, args.host, args.port, args.max_batch_size, args.max_queue, args.shutdown_timeout)
     return 0
 
 
