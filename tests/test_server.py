@@ -51,6 +51,8 @@ class ChatToyTokenizer(ToyTokenizer):
     def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
         ids = []
         for message in messages:
+            if message["role"] == "tool":
+                raise ValueError("this template has no tool role")
             ids += [ROLE_IDS[message["role"]]] + self(message["content"])["input_ids"]
         return ids + ([ROLE_IDS["assistant"]] if add_generation_prompt else [])
 
@@ -405,6 +407,7 @@ BAD = [
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "bot", "content": "5"}]}, 400, "messages.0.role"),
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": -3}, 400, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "5"}]}, 400, "messages"),
 ]
 
 

@@ -69,8 +69,11 @@ class Service:
         tokenizer = self.gen.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
-        ids = tokenizer.apply_chat_template([m.as_template_input() for m in messages], add_generation_prompt=True,
-                                            tokenize=True)
+        try:
+            ids = tokenizer.apply_chat_template([m.as_template_input() for m in messages], add_generation_prompt=True,
+                                                tokenize=True)
+        except Exception as err:  # templates refuse what they cannot render (e.g. a system role) with an exception
+            raise ApiError(400, f"the chat template refused these messages: {err}", param="messages") from None
         if not isinstance(ids, list):
             ids = ids["input_ids"]
         try:
