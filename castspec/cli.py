@@ -115,6 +115,33 @@ def build_parser() -> argparse.ArgumentParser:
                           "profile for batch sizes up to --max-batch-size)")
     srv.set_defaults(func=cmd_serve)
 
+    load = sub.add_parser(
+        "bench-serve", help="measure `castspec serve` under load: Poisson arrivals, several modes and rates",
+        description="For each arrival rate and each serving mode (a --policy), start `castspec serve`, send the same "
+                    "requests (HumanEval completions and MT-bench chat turns, greedy, streamed) on the same seeded "
+                    "Poisson schedule, and stop it; rate 'low' sends one request at a time. Reports throughput, time "
+                    "to first token, latency per token and time per output token (p50/p99), how many requests were "
+                    "answered and how many outputs equal the request alone. Writes records.jsonl (resumable), "
+                    "results.json, results.md and load.png to --out. Run it on a quiet machine: it measures time.",
+        formatter_class=_HelpFormatter)
+    load.add_argument("--target", default=DEFAULT_TARGET, help="target model: directory or built-in name")
+    load.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model for the speculative modes")
+    load.add_argument("--methods", default="ar,eagle2,cast", help="serving modes (policies), comma-separated")
+    load.add_argument("--rates", default="low,0.05,0.1,0.2",
+                      help="arrival rates in requests/s, comma-separated; 'low' = one request at a time")
+    load.add_argument("--num-requests", type=_positive_int, default=8,
+                      help="requests per block: half HumanEval, half MT-bench first turns")
+    load.add_argument("--max-tokens", type=_positive_int, default=128, help="max_tokens of every request")
+    load.add_argument("--max-batch-size", type=_positive_int, default=8, help="the server's --max-batch-size")
+    load.add_argument("--threads", type=_positive_int, default=None, help="the server's CPU threads")
+    load.add_argument("--target-dtype", choices=["fp32", "int8"], default="fp32", help="the server's --target-dtype")
+    load.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and the arrival schedule")
+    load.add_argument("--spec-bench", default="../shared/data/spec_bench/question.jsonl",
+                      help="Spec-Bench question.jsonl (for the MT-bench prompts)")
+    load.add_argument("--out", type=Path, default=Path("runs/bench-serve"), help="output directory")
+    load.add_argument("--resume", action="store_true", help="keep the blocks already in --out/records.jsonl")
+    load.set_defaults(func=cmd_bench_serve)
+
     prof = sub.add_parser(
         "profile", help="measure forward costs f(B, c, n) of the target and draft on this device",
         description="Time one forward over n new tokens for B sequences with a c-token cache, for the target and "
@@ -452,6 +479,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     gen.generate(gen.encode("Hello"), max_new_tokens=2)  # warm-up: first-call allocations are not a request's time
     serve(gen, args.target, args.host, args.port, args.max_batch_size, args.max_queue, args.shutdown_timeout)
     return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from castspec.bench.serve_load import LoadConfig, parse_rates, run
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise CastspecError("--methods is empty")
+    if not Path(args.spec_bench).is_file():
+        raise CastspecError(f"Spec-Bench file not found: {args.spec_bench} (give --spec-bench PATH)")
+    config = LoadConfig(target=args.target, draft=args.draft, methods=methods, rates=parse_rates(args.rates),
+                        num_requests=args.num_requests, max_tokens=args.max_tokens, seed=args.seed,
+                        max_batch_size=args.max_batch_size, threads=args.threads, spec_bench=args.spec_bench,
+                        server_args=["--target-dtype", args.target_dtype])
+    results = run(config, args.out, resume=args.resume)
+    print((args.out / "results.md").read_text())
+    return 0 if results["by_rate"] else 1
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
