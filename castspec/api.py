@@ -14,6 +14,7 @@ import torch
 
 from castspec.cost.profiler import load_or_profile
 from castspec.cost.table import OnlineCosts
+from castspec.drafters.suffix import SuffixDrafter
 from castspec.engine import SpeculativeGenerator
 from castspec.errors import CastspecError
 from castspec.models.attention import use_tree_attention
@@ -27,6 +28,7 @@ from castspec.policies import TreePolicy, make_policy
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
 DEFAULT_POLICY = "cast"
+NO_DRAFT = "none"  # draft="none": speculate without a draft model (suffix matching over the prompt and output)
 TARGET_DTYPES = ("fp32", "int8")
 # The draft proposes only token ids below this (plus the EOS ids); 0 = the whole vocabulary. Measured on the AVX2
 # host (benchmarks/draft_cost): see `castspec.models.draft_head` and the CLI's --draft-vocab help.
@@ -54,6 +56,9 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRA
     independent of what else shares the forward; ~3x fewer bytes per step, a different model than fp32 — greedy
     output equals *its own* plain decoding, see `castspec.models.formats`).
 
+    `draft="none"`: speculate without a draft model; candidates come from repeats in the prompt and the output so
+    far (`castspec.drafters.suffix`), free to propose, verified by the target like any draft.
+
     `draft_vocab` N > 0: the draft proposes only token ids below N and the EOS ids (its output head keeps those rows
     only, `castspec.models.draft_head`), which makes each draft forward cheaper; 0: the whole vocabulary; None:
     `$CASTSPEC_DRAFT_VOCAB` if set, else `DEFAULT_DRAFT_VOCAB`. Lossless either way (the draft only proposes; the
@@ -72,9 +77,10 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRA
     draft_vocab = resolve_draft_vocab(draft_vocab)
     target_model, tokenizer = load_model(target, device=device)
     draft_model = None
-    if policy.uses_draft:
+    target_only = isinstance(draft, str) and draft.strip().lower() == NO_DRAFT
+    if policy.uses_draft and not target_only:
         if draft is None:
-            raise CastspecError(f"policy '{policy.name}' needs a draft model (--draft)")
+            raise CastspecError(f"policy '{policy.name}' needs a draft model (--draft, or --draft none)")
         same = resolve_model_dir(draft) == resolve_model_dir(target)
         draft_model, draft_tokenizer = load_model(draft, device=device)
         if not same:
@@ -96,10 +102,11 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRA
             use_fast_cpu_linears(draft_model)
     costs = None
     if getattr(policy, "needs_costs", False):
-        table = load_or_profile({"target": target_model, "draft": draft_model}, path=cost_table,
-                                max_batch_size=max_batch_size)
+        models = {"target": target_model, "draft": draft_model} if draft_model is not None else {"target": target_model}
+        table = load_or_profile(models, path=cost_table, max_batch_size=max_batch_size)
         costs = OnlineCosts(table)
-    return SpeculativeGenerator(target_model, tokenizer, draft=draft_model, policy=policy, costs=costs)
+    drafter = SuffixDrafter(target_model.device) if target_only and policy.uses_draft else draft_model
+    return SpeculativeGenerator(target_model, tokenizer, draft=drafter, policy=policy, costs=costs)
 
 
 def resolve_draft_vocab(draft_vocab: int | None) -> int:

@@ -165,8 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "greedy decoding of the target's GGUF by llama.cpp through llama-cpp-python, an optional "
                     "dependency: pip install 'castspec[llamacpp]'; batch 1, greedy only; its output may differ "
                     "from ar's, different arithmetic), llama.cpp-spec:n=N (llama.cpp's own speculative decoding "
-                    "with the draft's GGUF, N draft tokens per step, by its llama-speculative-simple binary), or "
-                    "any --policy spec.",
+                    "with the draft's GGUF, N draft tokens per step, by its llama-speculative-simple binary), "
+                    "hf-pld (stock generate with prompt lookup, prompt_lookup_num_tokens=10; batch 1), suffix or "
+                    "suffix:POLICY (castspec without a draft model: cast, or POLICY, over trees of repeats found in "
+                    "the prompt and output), or any --policy spec.",
         formatter_class=_HelpFormatter)
     _model_arguments(bench, DEFAULT_TARGET, DEFAULT_DRAFT)
     bench.add_argument("--dataset", action="append", default=None,
@@ -178,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens to generate at most per prompt (per turn, for multi-turn prompts)")
     bench.add_argument("--methods", default=f"ar,hf,{DEFAULT_POLICY}",
                        help="comma-separated; separate a method's own parameters with '/' instead of ',' "
-                            "(e.g. eagle2:total_tokens=16/depth=4); ar, hf, hf-assisted, llama.cpp, "
-                            "llama.cpp-spec:n=N or a policy spec")
+                            "(e.g. eagle2:total_tokens=16/depth=4); ar, hf, hf-assisted, hf-pld, llama.cpp, "
+                            "llama.cpp-spec:n=N, suffix[:POLICY] or a policy spec")
     bench.add_argument("--gguf", default=None,
                        help="GGUF file the llama.cpp method decodes (default: the built-in target's own GGUF, "
                             "assembled once into the cache from its packages)")
@@ -209,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_arguments(parser: argparse.ArgumentParser, target: str, draft: str) -> None:
     parser.add_argument("--target", default=target, help="target model: directory or built-in name")
-    parser.add_argument("--draft", default=draft, help="draft model with the target's tokenizer")
+    parser.add_argument("--draft", default=draft,
+                        help="draft model with the target's tokenizer, or 'none': speculate without one (candidates "
+                             "from repeats of the prompt and output, free to propose; the target still decides)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--draft-quant", choices=["int8", "none"], default="int8",
@@ -279,7 +283,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 repeats=args.repeats)
     gen = load_generator(args.target, args.draft, "chain", device=args.device, fast_kernels=not args.no_fast_kernels,
                          draft_quant=args.draft_quant, target_dtype=args.target_dtype, draft_vocab=args.draft_vocab)
-    models = {"target": gen.target.model, "draft": gen.drafter.runner.model}
+    models = {"target": gen.target.model}
+    if hasattr(gen.drafter, "runner"):  # a draft model (not --draft none)
+        models["draft"] = gen.drafter.runner.model
     table = profile(models, grid)
     out = args.out or table_path(expected_meta(models), castspec_home())
     table.save(out)
@@ -360,7 +366,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_methods(text: str) -> list[str]:
     """The --methods list, each policy spec checked now (a typo should not wait for the models to load)."""
-    from castspec.bench.runner import is_policy
+    from castspec.bench.runner import is_policy, suffix_policy
     from castspec.policies import make_policy
 
     methods = [m.strip().replace("/", ",") for m in text.split(",") if m.strip()]
@@ -368,7 +374,7 @@ def _bench_methods(text: str) -> list[str]:
         raise CastspecError("--methods is empty; e.g. --methods ar,hf,cast")
     for method in methods:
         if is_policy(method):
-            make_policy(method)
+            make_policy(suffix_policy(method) or method)
     return methods
 
 

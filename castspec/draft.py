@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import torch
 
+from castspec.drafters.base import Drafter
 from castspec.models.draft_head import draft_vocab_ids, draft_vocab_size
 from castspec.models.runner import CausalLMRunner
 from castspec.tree import DraftTree
 from castspec.verify import Outcome
 
 
-class DraftLM:
+class DraftLM(Drafter):
     def __init__(self, runner: CausalLMRunner):
         self.runner = runner
         self.vocab_ids = draft_vocab_ids(runner.model)  # column -> token id, or None: column j is token j
-        self.vocab_size = draft_vocab_size(runner.model)  # columns of the log-probabilities: tokens it can propose
+        self._vocab_size = draft_vocab_size(runner.model)  # columns of the log-probabilities: tokens it can propose
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
 
     def token_ids(self, columns: torch.Tensor) -> torch.Tensor:
         """Token ids of columns of `start`'s / `expand`'s log-probabilities (the same tensor for a full head)."""
@@ -48,7 +53,19 @@ class DraftLM:
         new_valid[:, -1] = True  # pending tokens sit right-aligned (padding first)
         self.set_pending(torch.cat([self.pending, new]), torch.cat([self.pending_valid, new_valid]))
 
-    def start(self) -> torch.Tensor:
+    def start(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed the pending tokens; the root's k likeliest children: log-probabilities and tokens [B, 1, k]."""
+        return self.top_children(self.start_logprobs(), k)
+
+    def expand(self, tree: DraftTree, frontier: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed the frontier nodes [B, F]; their k likeliest children: log-probabilities and tokens [B, F, k]."""
+        return self.top_children(self.expand_logprobs(tree, frontier), k)
+
+    def top_children(self, logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        child_logp, child_col = logprobs.topk(k, dim=-1)
+        return child_logp, self.token_ids(child_col)  # the same ids unless the draft's head is reduced
+
+    def start_logprobs(self) -> torch.Tensor:
         """Feed the pending tokens; returns the log-probabilities of the root's children [B, 1, V] (V: `vocab_size`
         columns, see `token_ids`)."""
         runner = self.runner
@@ -64,7 +81,7 @@ class DraftLM:
         self.started = True
         return torch.log_softmax(logits[:, -1:].float(), dim=-1)
 
-    def expand(self, tree: DraftTree, frontier: torch.Tensor) -> torch.Tensor:
+    def expand_logprobs(self, tree: DraftTree, frontier: torch.Tensor) -> torch.Tensor:
         """Feed the frontier nodes [B, F]; returns their children's log-probabilities [B, F, V]."""
         runner = self.runner
         batch, width = frontier.shape
@@ -76,7 +93,7 @@ class DraftLM:
         block_mask = torch.cat([sees_pending, sees_fed, itself], dim=2)
         positions = self.root_pos[:, None] + tree.depth.gather(1, frontier)
         first_slot = pending + self.fed_nodes.shape[1]
-        logits = runner.forward(tree.tokens.gather(1, frontier), positions, block_mask)
+        logits = runner.forward(tree.tokens.gather(1, frontier).clamp(min=0), positions, block_mask)  # no padding id
         slots = torch.arange(first_slot, first_slot + width, device=frontier.device).expand(batch, width)
         tree.draft_slot.scatter_(1, frontier, slots)
         self.fed_nodes = torch.cat([self.fed_nodes, frontier], dim=1)

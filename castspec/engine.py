@@ -21,6 +21,7 @@ import torch
 
 from castspec.cost.table import OnlineCosts
 from castspec.draft import DraftLM
+from castspec.drafters.base import Drafter
 from castspec.errors import CastspecError
 from castspec.models.runner import CausalLMRunner
 from castspec.policies import StepContext, StepRecord, TreePolicy, make_policy
@@ -124,7 +125,7 @@ class BatchState:
     choosers: dict[int, TokenChooser] = field(default_factory=dict)  # each sequence's own sampling, by key
     stats: dict[int, GenerationStats] = field(default_factory=dict)  # by key
     batch_stats: BatchStats = field(default_factory=BatchStats)
-    drafter: DraftLM | None = None  # None when the policy decodes plainly: the draft model is never touched
+    drafter: Drafter | None = None  # None when the policy decodes plainly: the draft model is never touched
     start_time: float = 0.0
     joined: dict[int, float] = field(default_factory=dict)  # when each sequence joined (its latency's start)
     prompt_len: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [B], rows' order
@@ -148,8 +149,10 @@ class BatchState:
 class SpeculativeGenerator:
     """Generate with a target model, optionally sped up by a draft model and a tree policy."""
 
-    def __init__(self, target, tokenizer, draft=None, policy: TreePolicy | str = "ar",
+    def __init__(self, target, tokenizer, draft: Any = None, policy: TreePolicy | str = "ar",
                  costs: OnlineCosts | None = None):
+        """`draft`: a draft model (a causal LM with the target's vocabulary), a `Drafter` (e.g. `SuffixDrafter()`:
+        speculation without a draft model), or None (plain decoding only)."""
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         if self.policy.uses_draft and draft is None:
             raise CastspecError(f"policy '{self.policy.name}' needs a draft model (--draft)")
@@ -161,10 +164,12 @@ class SpeculativeGenerator:
         self.costs = costs
         self.tokenizer = tokenizer
         self.target = CausalLMRunner(target)
-        uses_draft = draft is not None and self.policy.uses_draft
-        self.drafter = DraftLM(CausalLMRunner(draft, canonical=False)) if uses_draft else None  # proposes only
-        if self.drafter is not None:
+        self.drafter: Drafter | None = None  # proposes only; the target decides every token
+        if isinstance(draft, Drafter):
+            self.drafter = draft if self.policy.uses_draft else None
+        elif draft is not None and self.policy.uses_draft:
             check_same_vocabulary(target, draft)
+            self.drafter = DraftLM(CausalLMRunner(draft, canonical=False))
         self.vocab_size = target.get_input_embeddings().weight.shape[0]  # valid token ids: 0 .. vocab_size - 1
         check_children_fit(self.policy, self.drafter.vocab_size if self.drafter is not None else self.vocab_size)
         self.eos_ids = _eos_ids(target, tokenizer)
@@ -320,7 +325,7 @@ class SpeculativeGenerator:
 
     def room(self, prompt_len: int) -> int | None:
         """How many new tokens fit after a prompt of this length (None: the models state no context limit)."""
-        runners = filter(None, [self.target, self.drafter.runner if self.drafter else None])
+        runners = filter(None, [self.target, getattr(self.drafter, "runner", None)])
         limits = [runner.max_positions for runner in runners if runner.max_positions]
         return min(limits) - prompt_len - CONTEXT_MARGIN if limits else None
 
@@ -365,7 +370,8 @@ class SpeculativeGenerator:
 
         Returns each live row's accepted tokens (drafted ones that the target agreed with, then its own token)."""
         ctx = StepContext(batch_size=len(state.rows), context_len=self.target.cache.max_length,
-                          remaining=max(state.budget[row] - state.produced[row] for row in state.rows))
+                          remaining=max(state.budget[row] - state.produced[row] for row in state.rows),
+                          draft_free=state.drafter is not None and state.drafter.free)
         self.policy.begin_step(ctx)
         t0 = time.perf_counter()
         tree = self._draft(state.root, ctx)
@@ -446,18 +452,17 @@ class SpeculativeGenerator:
         state.root, state.prompt_len = state.root[index], state.prompt_len[index]
 
     def _draft(self, root: torch.Tensor, ctx: StepContext) -> DraftTree:
-        """Grow the tree level by level; one draft forward per expanded level."""
+        """Grow the tree level by level; the drafter proposes each expanded level's children (an LM drafter: one
+        forward per level)."""
         tree = DraftTree.empty(root)
         max_depth = min(self.policy.max_depth(), ctx.remaining - 1)
         if self.drafter is None or max_depth <= 0:
             return tree
-        frontier_logp = self.drafter.start()  # [B, 1, V]
+        k = self.policy.children_per_node(1)
+        child_logp, child_tok = self.drafter.start(k)  # [B, 1, k]
         frontier = None  # None: the root
         frontier_score = torch.zeros(root.shape[0], 1, device=root.device)
         for level in range(1, max_depth + 1):
-            k = self.policy.children_per_node(level)
-            child_logp, child_col = frontier_logp.topk(k, dim=-1)  # [B, F, k]
-            child_tok = self.drafter.token_ids(child_col)  # the same ids unless the draft's head is reduced
             cand_score = (frontier_score[:, :, None] + child_logp).flatten(1)
             keep, n_expand = self.policy.choose(level, cand_score)
             if keep.shape[1] == 0:
@@ -469,7 +474,8 @@ class SpeculativeGenerator:
                 break
             frontier = new_nodes[:, :n_expand]
             frontier_score = tree.logscore.gather(1, frontier)
-            frontier_logp = self.drafter.expand(tree, frontier)
+            k = self.policy.children_per_node(level + 1)
+            child_logp, child_tok = self.drafter.expand(tree, frontier, k)
         return tree
 
     def _check_lengths(self, prompt_len: int, max_new_tokens: int) -> None:

@@ -3,7 +3,8 @@
 One tree per sequence, all with the same number of nodes N (the tree *shape* is shared by the batch; which tokens
 fill it is chosen per sequence). Node 0..N-1 are drafted tokens; the root — the last accepted token, not yet in
 the target's cache — is kept apart and has depth 0. Nodes are appended level by level, so a parent always has a
-smaller index than its children.
+smaller index than its children. A node may hold the padding token -1 (`castspec.drafters.base.NO_TOKEN`): it is fed
+to models as 0 and can never be accepted.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class VerifyTree:
         Positions are `next_pos + depth`: siblings share a position, exactly as each would have in plain decoding.
         """
         batch, count = self.tokens.shape
-        tokens = torch.cat([self.root[:, None], self.tokens], dim=1)
+        tokens = torch.cat([self.root[:, None], self.tokens.clamp(min=0)], dim=1)  # a padding node (-1) feeds 0
         depth = torch.cat([torch.zeros_like(self.root)[:, None], self.depth], dim=1)
         positions = next_pos[:, None] + depth
         mask = torch.zeros(batch, count + 1, count + 1, dtype=torch.bool, device=tokens.device)

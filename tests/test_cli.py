@@ -203,6 +203,21 @@ def _spec_bench_file(path):
     return str(path)
 
 
+def test_bench_target_only_methods(pair, capsys, tmp_path):
+    """`suffix` (cast over suffix-drafter trees, no draft model) equals ar; `hf-pld` (stock prompt lookup) runs."""
+    target, draft, _ = pair
+    questions = _spec_bench_file(tmp_path / "question.jsonl")
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "bench", "--target", target, "--draft", draft, "--dataset", f"spec-bench:{questions}:qa",
+                       "--num-prompts", "2", "--methods", "ar,hf-pld,suffix,suffix:chain:gamma=3",
+                       "--max-new-tokens", "6", "--out", str(out))
+    assert code == 0, err
+    summary = json.loads((out / "results.json").read_text())["by_batch_size"]["1"]["summary"]
+    assert set(summary) == {"ar", "hf-pld", "suffix", "suffix:chain:gamma=3"}
+    for method in ("suffix", "suffix:chain:gamma=3"):
+        assert summary[method]["failed"] == [] and summary[method]["identical_to_ar"] == 1.0, method
+
+
 def test_bench_tasks_batches_and_resume(pair, capsys, tmp_path):
     target, draft, _ = pair
     questions = _spec_bench_file(tmp_path / "question.jsonl")

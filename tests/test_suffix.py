@@ -1,11 +1,15 @@
-"""The draft-free suffix index: what it matches, what it proposes, and that it stays consistent as tokens arrive."""
+"""The draft-free suffix index and drafter: what they match and propose, and that they stay consistent."""
 
 from __future__ import annotations
 
 import math
 import random
 
-from castspec.drafters.suffix import SuffixIndex
+import torch
+
+from castspec.drafters.base import NO_SCORE, NO_TOKEN
+from castspec.drafters.suffix import SuffixDrafter, SuffixIndex
+from castspec.tree import DraftTree
 
 
 def index_of(tokens: list[int], **kwargs) -> SuffixIndex:
@@ -15,53 +19,56 @@ def index_of(tokens: list[int], **kwargs) -> SuffixIndex:
 
 
 def test_nothing_repeats_nothing_proposed():
-    assert index_of([1, 2, 3, 4]).propose() == []
-    assert SuffixIndex().propose() == []
+    assert index_of([1, 2, 3, 4]).children([], 4) == ([], [], 0)
+    assert index_of([5]).children([], 4) == ([], [], 0)
 
 
-def test_a_repeated_span_is_proposed_as_a_chain():
-    index = index_of([7, 1, 2, 3, 4, 5, 9, 1, 2])  # "1 2" occurred before, followed by 3 4 5 9 1 2
-    chain = index.propose(max_depth=3)
-    assert [c.token for c in chain] == [3, 4, 5]
-    assert [c.parent for c in chain] == [-1, 0, 1] and [c.depth for c in chain] == [1, 2, 3]
-    assert all(c.prob == 1.0 and c.match_len == 2 for c in chain)
+def test_a_repeated_span_continues_and_a_path_extends_the_match():
+    index = index_of([7, 1, 2, 3, 4, 5, 9, 1, 2])  # "1 2" occurred before, followed by 3 4 5
+    assert index.children([], 3) == ([3], [1.0], 2)
+    assert index.children([3], 3) == ([4], [1.0], 3)  # the path "3" makes the suffix "1 2 3"
+    assert index.children([3, 4], 3) == ([5], [1.0], 4)
 
 
-def test_the_longest_match_wins_and_branches_carry_frequencies():
-    # after "a b": c (twice) or d (once); after "x a b" only c
+def test_the_longest_match_wins_and_frequencies_are_empirical():
     a, b, c, d, x = 1, 2, 3, 4, 5
-    index = index_of([a, b, c, 9, a, b, d, 9, a, b, c, 8, a, b])
-    first = [cand for cand in index.propose(max_depth=1)]
-    assert {(cand.token, cand.count) for cand in first} == {(c, 2), (d, 1)}
-    assert first[0].token == c and math.isclose(first[0].prob, 2 / 3)
-    assert math.isclose(sum(cand.prob for cand in first), 1.0)
-    longer = index_of([x, a, b, c, 9, a, b, d, 9, x, a, b])
-    assert [cand.token for cand in longer.propose(max_depth=1)] == [c]  # "x a b" matched: only c followed it
-
-
-def test_parents_come_first_scores_add_up_and_limits_hold():
-    rng = random.Random(0)
-    tokens = [rng.randrange(6) for _ in range(300)]
-    index = index_of(tokens, max_match=4)
-    cands = index.propose(max_depth=5, max_nodes=20)
-    assert 0 < len(cands) <= 20
-    for i, cand in enumerate(cands):
-        assert cand.parent < i
-        parent_score = 0.0 if cand.parent < 0 else cands[cand.parent].logscore
-        assert math.isclose(cand.logscore, parent_score + math.log(cand.prob))
-        assert cand.depth == (1 if cand.parent < 0 else cands[cand.parent].depth + 1) <= 5
-    siblings = {}
-    for cand in cands:
-        siblings.setdefault(cand.parent, []).append(cand.token)
-    assert all(len(set(tokens)) == len(tokens) for tokens in siblings.values())  # distinct tokens per parent
+    tokens, probs, n = index_of([a, b, c, 9, a, b, d, 9, a, b, c, 8, a, b]).children([], 4)
+    assert (tokens, n) == ([c, d], 2) and math.isclose(probs[0], 2 / 3) and math.isclose(sum(probs), 1.0)
+    assert index_of([x, a, b, c, 9, a, b, d, 9, x, a, b]).children([], 4) == ([c], [1.0], 3)  # "x a b" -> c
 
 
 def test_extending_token_by_token_equals_indexing_at_once():
     rng = random.Random(1)
     tokens = [rng.randrange(5) for _ in range(120)]
-    whole = index_of(tokens)
-    stepwise = SuffixIndex()
+    whole, stepwise = index_of(tokens), SuffixIndex()
     for start in range(0, len(tokens), 7):
         stepwise.extend(tokens[start:start + 7])
-    assert stepwise.propose() == whole.propose()
-    assert stepwise.longest_match() == whole.longest_match()
+    for path in ([], [0], [1, 2], [4, 4, 4]):
+        assert stepwise.children(path, 3) == whole.children(path, 3)
+
+
+def test_the_drafter_proposes_per_row_padded_and_follows_tree_paths():
+    drafter = SuffixDrafter()
+    drafter.add_rows([[7, 1, 2, 3, 4, 9, 1], [5, 6]], torch.tensor([2, 8]), fresh=True)
+    scores, tokens = drafter.start(2)
+    assert tokens.tolist() == [[[3, NO_TOKEN]], [[NO_TOKEN, NO_TOKEN]]]  # row 1 never repeats itself
+    assert scores[0, 0, 0] == 0.0 and bool((scores[1] == NO_SCORE).all())
+    tree = DraftTree.empty(torch.tensor([2, 8]))
+    tree.add_level(tokens[:, 0, :1], torch.full((2, 1), -1), scores[:, 0, :1])
+    scores, tokens = drafter.expand(tree, torch.zeros(2, 1, dtype=torch.long), 2)
+    assert tokens[0, 0, 0] == 4 and tokens[1, 0, 0] == NO_TOKEN  # row 0 follows "1 2 3" -> 4; padding stays padding
+
+
+def test_the_drafter_learns_accepted_tokens_and_keeps_rows():
+    from castspec.verify import Outcome
+
+    drafter = SuffixDrafter()
+    drafter.add_rows([[1, 2, 3], [4, 5]], torch.tensor([1, 4]), fresh=True)
+    outcome = Outcome(path=torch.zeros(2, 1, dtype=torch.long), n_accepted=torch.tensor([1, 0]),
+                      bonus=torch.tensor([3, 6]), new_tokens=torch.tensor([[2, 3], [6, 0]]))
+    drafter.finish_step(DraftTree.empty(torch.tensor([0, 0])), torch.zeros(2, 1, dtype=torch.long), outcome)
+    assert drafter.rows[0].tokens == [1, 2, 3, 1, 2, 3] and drafter.rows[1].tokens == [4, 5, 4, 6]
+    drafter.add_rows([[9, 9]], torch.tensor([9]))
+    drafter.keep_rows([0, 2])
+    assert [r.tokens for r in drafter.rows] == [[1, 2, 3, 1, 2, 3], [9, 9, 9]]
+    assert drafter.start(1)[1][:, 0, 0].tolist() == [1, 9]

@@ -9,7 +9,7 @@ from typing import Any
 
 from castspec.bench.llamacpp import DIFFERENT_ARITHMETIC, PLAIN, is_llamacpp_method
 
-BASELINES = ("ar", "hf", "hf-assisted", "llama.cpp")
+BASELINES = ("ar", "hf", "hf-assisted", "hf-pld", "llama.cpp")
 
 
 def write_report(results: dict[str, Any], out_dir: Path, command: str) -> list[Path]:

@@ -2,7 +2,9 @@
 
 Methods: `ar` (our loop, plain decoding, same fast kernels as every speculative method), `hf` (stock
 `transformers` `generate`, stock kernels: what a user gets out of the box), `hf-assisted` (stock
-`generate(assistant_model=draft)`, batch 1 only in transformers), `llama.cpp` and `llama.cpp-spec:n=N` (llama.cpp's
+`generate(assistant_model=draft)`, batch 1 only in transformers), `hf-pld` (stock `generate` with prompt lookup,
+`prompt_lookup_num_tokens=10`, batch 1 only), `suffix` / `suffix:POLICY` (castspec without a draft model: CAST, or
+POLICY, over trees from the suffix drafter), `llama.cpp` and `llama.cpp-spec:n=N` (llama.cpp's
 plain greedy and speculative decoding of the GGUF files, batch 1 only; optional, see `castspec/bench/llamacpp.py`)
 and any tree policy spec
 (`chain:gamma=4`, `static`, `eagle2:total_tokens=16`). Prompts are grouped into batches of each requested batch
@@ -32,17 +34,29 @@ from castspec.bench.datasets import Prompt
 from castspec.bench.llamacpp import PLAIN, is_llamacpp_method
 from castspec.cost.profiler import cpu_description, load_or_profile
 from castspec.cost.table import OnlineCosts
+from castspec.drafters.suffix import SuffixDrafter
 from castspec.engine import SpeculativeGenerator, _eos_ids
 from castspec.errors import CastspecError
 from castspec.policies import make_policy
 
-HF_METHODS = ("hf", "hf-assisted")
+HF_METHODS = ("hf", "hf-assisted", "hf-pld")
+SUFFIX = "suffix"  # `suffix` or `suffix:POLICY`: POLICY (default cast) over suffix-drafter trees, no draft model
+PLD_TOKENS = 10  # hf-pld: stock generate(prompt_lookup_num_tokens=10), the prompt-lookup anchor users have today
+
+
+def suffix_policy(method: str) -> str | None:
+    """The policy spec of a `suffix[:POLICY]` method (target-only speculation), else None."""
+    if method == SUFFIX:
+        return "cast"
+    if method.startswith(SUFFIX + ":"):
+        return method[len(SUFFIX) + 1:]
+    return None
 
 
 def batch1_only(method: str) -> str | None:
     """Why `method` cannot decode a batch of prompts together, if it cannot."""
-    if method == "hf-assisted":
-        return "transformers' assisted generation supports batch size 1 only"
+    if method in ("hf-assisted", "hf-pld"):
+        return "transformers' assisted generation (and prompt lookup) supports batch size 1 only"
     if is_llamacpp_method(method):
         return f"the {method} method decodes one prompt at a time (batch size 1 only)"
     return None
@@ -165,26 +179,30 @@ class MethodRunner:
         self.busy_at_start = None
         for method in config.methods:
             if is_policy(method):
-                make_policy(method)  # fail early on a bad method name or parameter
+                make_policy(suffix_policy(method) or method)  # fail early on a bad method name or parameter
         require_llamacpp(config.methods)
         check_llamacpp_settings(config.methods, config.temperature)
-        needs_draft = any(m == "hf-assisted" or (is_policy(m) and make_policy(m).uses_draft)
-                          for m in config.methods)
+        needs_draft = any(m == "hf-assisted" or (is_policy(m) and suffix_policy(m) is None
+                                                 and make_policy(m).uses_draft) for m in config.methods)
         base = load_generator(config.target, config.draft if needs_draft else None,
                               "chain" if needs_draft else "ar", device=config.device, draft_quant=config.draft_quant,
                               target_dtype=config.target_dtype)
         self.tokenizer = base.tokenizer
         self.target_model = base.target.model
-        self.draft_model = base.drafter.runner.model if base.drafter else None
+        self.draft_model = base.drafter.runner.model if hasattr(base.drafter, "runner") else None
         self.eos_ids = _eos_ids(self.target_model, self.tokenizer)
-        policies = {m: make_policy(m) for m in config.methods if is_policy(m)}
+        policies = {m: make_policy(suffix_policy(m) or m) for m in config.methods if is_policy(m)}
         table = None
         if any(getattr(p, "needs_costs", False) for p in policies.values()):
-            table = load_or_profile({"target": self.target_model, "draft": self.draft_model},
-                                    path=config.cost_table, max_batch_size=max(config.batch_sizes))
-        self.generators = {m: SpeculativeGenerator(self.target_model, self.tokenizer, self.draft_model, p,
-                                                   costs=OnlineCosts(table) if table else None)
-                           for m, p in policies.items()}
+            models = {"target": self.target_model}
+            if self.draft_model is not None:
+                models["draft"] = self.draft_model
+            table = load_or_profile(models, path=config.cost_table, max_batch_size=max(config.batch_sizes))
+        self.generators = {
+            m: SpeculativeGenerator(self.target_model, self.tokenizer,
+                                    SuffixDrafter(self.target_model.device) if suffix_policy(m) else self.draft_model,
+                                    p, costs=OnlineCosts(table) if table else None)
+            for m, p in policies.items()}
         self.stock_target = self.stock_draft = None
         if any(m in HF_METHODS for m in config.methods):
             self.stock_target, _ = load_model(config.target, device=config.device)
@@ -281,8 +299,8 @@ class MethodRunner:
     @torch.inference_mode()
     def _run_hf(self, method: str, ids: list[list[int]], max_new_tokens: int) -> dict[str, Any]:
         c = self.config
-        if method == "hf-assisted" and len(ids) > 1:
-            raise CastspecError("transformers' assisted generation supports batch size 1 only")
+        if method in ("hf-assisted", "hf-pld") and len(ids) > 1:
+            raise CastspecError(batch1_only(method))
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else min(self.eos_ids)
         longest = max(len(row) for row in ids)
@@ -297,6 +315,8 @@ class MethodRunner:
             kwargs.update(do_sample=False)
         if method == "hf-assisted":
             kwargs["assistant_model"] = self.stock_draft
+        if method == "hf-pld":
+            kwargs["prompt_lookup_num_tokens"] = PLD_TOKENS
         start = time.perf_counter()
         out = self.stock_target.generate(input_ids, **kwargs)
         wall = time.perf_counter() - start

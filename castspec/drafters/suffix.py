@@ -3,40 +3,32 @@
 Text repeats itself: code reuses identifiers and whole lines, summaries and RAG answers copy spans of the prompt,
 follow-up turns quote earlier output. `SuffixIndex` keeps, per sequence, every n-gram (n = 1 .. `max_match`) of the
 prompt and the output so far with the positions where it ended, updated as tokens arrive (O(max_match) per token).
-`propose` looks up the longest suffix of the sequence that occurred before, and merges what followed its most recent
-occurrences into a small trie: each node carries the empirical probability of its token given its parent (how many
-of the occurrences that reached the parent continued with it) and its depth. It costs microseconds and never a
-model forward; the target still verifies every token, so it is lossless like any drafter.
+`children(path)` looks up the longest suffix of the sequence extended by a tree path that occurred before, and counts
+what followed its most recent occurrences: each proposed child carries the empirical probability of its token given
+the path. It costs microseconds and never a model forward; the target still verifies every token, so it is lossless
+like any drafter.
 
-This module is only the index and the proposal trie; how its candidates join an LM draft's in one tree (and how
-CAST calibrates their acceptance) is the engine's business.
+`SuffixDrafter` proposes from it through the drafter interface (`castspec.drafters.base`): target-only
+speculation (`--draft none`). Merging its candidates with an LM draft's in one tree is not built yet (issue 15).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+import torch
 
-@dataclass
-class Candidate:
-    """One proposed node: `parent` is an index into the same list (-1: a child of the current last token)."""
-
-    token: int
-    parent: int
-    depth: int  # 1 for a child of the last token
-    prob: float  # empirical P(token | path to parent), over the occurrences that reached the parent
-    logscore: float  # sum of log(prob) along the path: comparable across depths, like a draft's log-probability
-    count: int  # occurrences that continued this way
-    match_len: int  # length of the suffix that matched (longer: more reliable)
+from castspec.drafters.base import NO_SCORE, NO_TOKEN, Drafter
+from castspec.tree import DraftTree
+from castspec.verify import Outcome
 
 
 @dataclass
 class SuffixIndex:
-    """n-gram positions of one sequence; `extend` as tokens arrive, `propose` before each step."""
+    """n-gram positions of one sequence; `extend` as tokens arrive, `children` while a tree grows."""
 
     max_match: int = 8  # longest suffix looked up
-    max_occurrences: int = 16  # most recent earlier occurrences merged into the trie
+    max_occurrences: int = 16  # most recent earlier occurrences counted
     tokens: list[int] = field(default_factory=list)
     _ends: dict[tuple[int, ...], list[int]] = field(default_factory=dict)  # n-gram -> end positions, ascending
 
@@ -48,42 +40,91 @@ class SuffixIndex:
             for n in range(1, min(self.max_match, end + 1) + 1):
                 self._ends.setdefault(tuple(self.tokens[end - n + 1:end + 1]), []).append(end)
 
-    def longest_match(self) -> tuple[int, list[int]]:
-        """(n, end positions of earlier occurrences of the last n tokens) for the largest n that has any."""
-        last = len(self.tokens) - 1
-        for n in range(min(self.max_match, last), 0, -1):
-            ends = self._ends.get(tuple(self.tokens[last - n + 1:]), [])
-            earlier = ends[:-1] if ends and ends[-1] == last else ends  # the current occurrence is not a match
-            if earlier:
-                return n, earlier
-        return 0, []
+    def children(self, path: list[int], k: int) -> tuple[list[int], list[float], int]:
+        """The k most frequent next tokens after the sequence extended by `path` (a tree node's tokens below the
+        current last token): (tokens, empirical probabilities, matched length). Looks up the longest suffix of
+        sequence + path (up to `max_match`) that occurred before and counts what followed its most recent
+        `max_occurrences` occurrences; nothing when no suffix occurred before."""
+        tail = self.tokens[-self.max_match:] + list(path)  # the last tokens are all a lookup needs
+        for n in range(min(self.max_match, len(self.tokens) + len(path) - 1), 0, -1):
+            key = tuple(tail[len(tail) - n:])
+            ends = [e for e in self._ends.get(key, []) if e + 1 < len(self.tokens)]  # has a next token
+            if not ends:
+                continue
+            counts: dict[int, int] = {}
+            for end in ends[-self.max_occurrences:]:
+                counts[self.tokens[end + 1]] = counts.get(self.tokens[end + 1], 0) + 1
+            total = sum(counts.values())
+            best = sorted(counts.items(), key=lambda item: -item[1])[:k]  # ties: the earlier-seen token first
+            return [t for t, _ in best], [c / total for _, c in best], n
+        return [], [], 0
 
-    def propose(self, max_depth: int = 8, max_nodes: int = 32) -> list[Candidate]:
-        """The merged continuations of the longest match's most recent occurrences, best-first per level,
-        breadth-first overall (a node's parent always comes before it); empty when nothing matches."""
-        n, ends = self.longest_match()
-        if not ends or max_depth < 1 or max_nodes < 1:
-            return []
-        starts = [end + 1 for end in ends[-self.max_occurrences:]]
-        out: list[Candidate] = []
-        frontier = [(-1, starts, 0.0)]  # (candidate index, occurrence offsets reaching it, its logscore)
-        for depth in range(1, max_depth + 1):
-            next_frontier = []
-            for parent, offsets, parent_score in frontier:
-                groups: dict[int, list[int]] = {}
-                for offset in offsets:
-                    position = offset + depth - 1
-                    if position < len(self.tokens):
-                        groups.setdefault(self.tokens[position], []).append(offset)
-                reached = sum(len(g) for g in groups.values())
-                for token, group in sorted(groups.items(), key=lambda item: -len(item[1])):
-                    if len(out) >= max_nodes:
-                        return out
-                    prob = len(group) / reached
-                    score = parent_score + math.log(prob)
-                    out.append(Candidate(token, parent, depth, prob, score, len(group), n))
-                    next_frontier.append((len(out) - 1, group, score))
-            if not next_frontier:
-                break
-            frontier = next_frontier
-        return out
+
+class SuffixDrafter(Drafter):
+    """Draft-free proposals from each sequence's own repeats (`SuffixIndex` per row): no model, no forward.
+
+    Host-side by nature: each level reads the frontier's paths to the CPU and returns small tensors to the tree's
+    device (one transfer each way per level, the drafter's explicit boundary). A node's log-score is the log of its
+    empirical probability given its parent; padding (`NO_TOKEN`, `NO_SCORE`) fills nodes with fewer than k children.
+    """
+
+    free = True
+
+    def __init__(self, device: torch.device | str = "cpu", max_match: int = 8, max_occurrences: int = 16):
+        self.device = torch.device(device)
+        self.max_match, self.max_occurrences = max_match, max_occurrences
+        self.rows: list[SuffixIndex] = []
+
+    @property
+    def vocab_size(self) -> int:
+        return 2**31 - 1  # no fixed vocabulary: as many children as the text offers
+
+    def add_rows(self, prompts: list[list[int]], first_token: torch.Tensor, budget: int = 0,
+                 fresh: bool = False) -> None:
+        new = []
+        for prompt, first in zip(prompts, first_token.tolist(), strict=True):
+            index = SuffixIndex(self.max_match, self.max_occurrences)
+            index.extend(list(prompt) + [first])
+            new.append(index)
+        self.rows = new if fresh else self.rows + new
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.rows = [self.rows[i] for i in rows]
+
+    def start(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._propose([[[]] for _ in self.rows], k)
+
+    def expand(self, tree: DraftTree, frontier: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, parents, nodes = tree.tokens.tolist(), tree.parents.tolist(), frontier.tolist()
+        paths = []
+        for row_tokens, row_parents, row_nodes in zip(tokens, parents, nodes, strict=True):
+            row_paths = []
+            for node in row_nodes:
+                path = []
+                while node >= 0:
+                    path.append(row_tokens[node])
+                    node = row_parents[node]
+                row_paths.append(path[::-1])
+            paths.append(row_paths)
+        return self._propose(paths, k)
+
+    def _propose(self, paths: list[list[list[int]]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Children of each row's paths, padded to k: log-scores and tokens [B, F, k] on the tree's device."""
+        width = len(paths[0]) if paths else 0
+        scores = torch.full((len(paths), width, k), NO_SCORE)
+        tokens = torch.full((len(paths), width, k), NO_TOKEN, dtype=torch.long)
+        for b, (index, row_paths) in enumerate(zip(self.rows, paths, strict=True)):
+            for f, path in enumerate(row_paths):
+                if path and path[-1] == NO_TOKEN:
+                    continue  # a padding node has no continuation
+                found, probs, _ = index.children(path, k)
+                if found:
+                    tokens[b, f, : len(found)] = torch.tensor(found)
+                    scores[b, f, : len(found)] = torch.tensor(probs).log()
+        return scores.to(self.device), tokens.to(self.device)
+
+    def finish_step(self, tree: DraftTree, nodes: torch.Tensor, outcome: Outcome) -> None:
+        """The accepted tokens and the bonus token extend each row's index."""
+        new_tokens, accepted = outcome.new_tokens.tolist(), outcome.n_accepted.tolist()
+        for index, tokens, count in zip(self.rows, new_tokens, accepted, strict=True):
+            index.extend(tokens[: count + 1])

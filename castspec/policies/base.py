@@ -27,6 +27,7 @@ class StepContext:
     batch_size: int
     context_len: int  # longest sequence in the batch (tokens in the target's cache)
     remaining: int  # most tokens any sequence still wants; a tree deeper than remaining - 1 is wasted
+    draft_free: bool = False  # the drafter runs no model (e.g. suffix matching): drafting costs no time
 
 
 @dataclass

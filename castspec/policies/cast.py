@@ -130,7 +130,8 @@ class CastPolicy(TreePolicy):
         ctx = self.ctx
         # Costs of this step's possible shapes, looked up once: verify m nodes (+ root), draft w tokens.
         self.verify_ms = torch.tensor([self._f("target", m + 1) for m in range(self.verify_cap + 1)])
-        self.draft_w_ms = [0.0] + [self._f("draft", w) for w in range(1, max(self.max_width, self.top_k) + 1)]
+        widths = range(1, max(self.max_width, self.top_k) + 1)
+        self.draft_w_ms = [0.0] + [0.0 if ctx.draft_free else self._f("draft", w) for w in widths]
         self.t_one = float(self.verify_ms[0])
         self.draft_ms = self.draft_w_ms[1]  # the catch-up forward over the pending tokens
         self.prev_u: float | None = None
@@ -195,14 +196,15 @@ class CastPolicy(TreePolicy):
     def _choose_paper(self, scores: torch.Tensor) -> tuple[int, int]:
         limit = min(scores.shape[1], self.max_width)
         u = [0.0] + scores[:, :limit].exp().cumsum(dim=1).mean(dim=0).tolist()
-        c = [0.0] + [self._f("draft", k) / self.t_one for k in range(1, limit + 1)]  # normalised draft cost
+        free = self.ctx.draft_free
+        c = [0.0] + [0.0 if free else self._f("draft", k) / self.t_one for k in range(1, limit + 1)]  # normalised
         width = select_max_valid_index(u, c, self.C1, start=1) if self.breadth else min(self.top_k, limit)
         go_on = True
         if self.depth_pruning:
             if self.prev_u:
                 self.ratios.append(u[width] / self.prev_u)
             alpha = sum(self.ratios) / len(self.ratios)
-            go_on = alpha * u[width] / c[width] >= self.C2
+            go_on = c[width] <= 0 or alpha * u[width] / c[width] >= self.C2  # a free level always pays
         self.prev_u = u[width]
         return width, (width if go_on else 0)
 
@@ -273,7 +275,7 @@ class CastPolicy(TreePolicy):
             self.calibration.update(edge_logp[parent_accepted], node_accepted[parent_accepted])
         predicted_verify = float(self.verify_ms[min(record.verified, self.verify_cap)])
         self.costs.observe("target", predicted_verify, record.verify_s * 1000)
-        if record.tree_size:
+        if record.tree_size and not self.ctx.draft_free:
             self.costs.observe("draft", self.draft_ms, record.draft_s * 1000)
         if not self.plain:  # a speculative step (even one that verified nothing) measures the speculative rate
             tokens = float(accepted.float().mean()) + 1.0
