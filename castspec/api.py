@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -22,13 +23,28 @@ from castspec.models.draft_head import reduce_draft_vocab
 from castspec.models.formats import quantize_int8_rows
 from castspec.models.kernels import quantize_draft_int8, use_fast_cpu_linears
 from castspec.models.lean import use_lean_layers
-from castspec.models.load import load_model, resolve_model_dir
+from castspec.models.load import load_model, load_tokenizer, resolve_model_dir
 from castspec.policies import TreePolicy, make_policy
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
 DEFAULT_POLICY = "cast"
 NO_DRAFT = "none"  # draft="none": speculate without a draft model (suffix matching over the prompt and output)
+AUTO_DRAFT = "auto"  # the built-in draft if it shares the target's tokenizer, else none (with a notice)
+
+
+def resolve_draft(target: str, draft: str | None) -> str | None:
+    """`draft`, with "auto" decided: the default draft when its tokenizer is the target's, else "none" (one notice
+    line: most models have no small sibling, and castspec then speculates on repeats of the text alone)."""
+    if draft is None or draft.strip().lower() != AUTO_DRAFT:
+        return draft
+    if resolve_model_dir(target) == resolve_model_dir(DEFAULT_DRAFT):
+        return NO_DRAFT  # the target is the default draft itself: nothing smaller to draft with
+    if load_tokenizer(target).get_vocab() == load_tokenizer(DEFAULT_DRAFT).get_vocab():
+        return DEFAULT_DRAFT
+    print(f"castspec: the default draft '{DEFAULT_DRAFT}' has another tokenizer than '{target}'; speculating "
+          "without a draft model (--draft none; give --draft MODEL to use one)", file=sys.stderr)
+    return NO_DRAFT
 TARGET_DTYPES = ("fp32", "int8")
 # The draft proposes only token ids below this (plus the EOS ids); 0 = the whole vocabulary. Measured on the AVX2
 # host (benchmarks/draft_cost): see `castspec.models.draft_head` and the CLI's --draft-vocab help.
@@ -36,7 +52,7 @@ DEFAULT_DRAFT_VOCAB = 65536
 DRAFT_VOCAB_ENV = "CASTSPEC_DRAFT_VOCAB"  # overrides DEFAULT_DRAFT_VOCAB where draft_vocab is not given
 
 
-def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRAFT,
+def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
                    policy: TreePolicy | str = DEFAULT_POLICY, device: str = "cpu", fast_kernels: bool = True,
                    draft_quant: str = "int8", cost_table: str | None = None,
                    max_batch_size: int = 1, target_dtype: str = "fp32",
@@ -56,7 +72,8 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRA
     independent of what else shares the forward; ~3x fewer bytes per step, a different model than fp32 — greedy
     output equals *its own* plain decoding, see `castspec.models.formats`).
 
-    `draft="none"`: speculate without a draft model; candidates come from repeats in the prompt and the output so
+    `draft="auto"`: the default draft if it has the target's tokenizer, else none. `draft="none"`: speculate without
+    a draft model; candidates come from repeats in the prompt and the output so
     far (`castspec.drafters.suffix`), free to propose, verified by the target like any draft.
 
     `draft_vocab` N > 0: the draft proposes only token ids below N and the EOS ids (its output head keeps those rows
@@ -76,6 +93,7 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = DEFAULT_DRA
         raise CastspecError(f"draft_quant must be 'int8' or 'none', got '{draft_quant}'")
     draft_vocab = resolve_draft_vocab(draft_vocab)
     target_model, tokenizer = load_model(target, device=device)
+    draft = resolve_draft(target, draft) if policy.uses_draft else None
     draft_model = None
     target_only = isinstance(draft, str) and draft.strip().lower() == NO_DRAFT
     if policy.uses_draft and not target_only:

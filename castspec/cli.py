@@ -211,9 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_arguments(parser: argparse.ArgumentParser, target: str, draft: str) -> None:
     parser.add_argument("--target", default=target, help="target model: directory or built-in name")
-    parser.add_argument("--draft", default=draft,
-                        help="draft model with the target's tokenizer, or 'none': speculate without one (candidates "
-                             "from repeats of the prompt and output, free to propose; the target still decides)")
+    parser.add_argument("--draft", default="auto",
+                        help=f"draft model with the target's tokenizer; 'none': speculate without one (candidates "
+                             f"from repeats of the prompt and output, free to propose; the target still decides); "
+                             f"'auto': {draft} if it shares the target's tokenizer, else none")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--draft-quant", choices=["int8", "none"], default="int8",
@@ -340,7 +341,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _check_llamacpp(args, methods)
     datasets = args.dataset or ["humaneval"]
     prompts = [p for dataset in datasets for p in load_prompts(dataset, args.num_prompts, args.seed)]
-    config = BenchConfig(target=args.target, draft=args.draft, methods=methods, max_new_tokens=args.max_new_tokens,
+    from castspec.api import resolve_draft
+
+    draft = resolve_draft(args.target, args.draft)  # "auto" -> a model or "none", recorded as such
+    config = BenchConfig(target=args.target, draft=draft, methods=methods, max_new_tokens=args.max_new_tokens,
                          device=args.device, draft_quant=args.draft_quant, target_dtype=args.target_dtype,
                          cost_table=args.cost_table,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,

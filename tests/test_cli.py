@@ -203,6 +203,22 @@ def _spec_bench_file(path):
     return str(path)
 
 
+def test_auto_draft_is_the_default_draft_or_none(pair, capsys, monkeypatch):
+    """--draft auto (the default): the built-in draft if it has the target's tokenizer, else target-only with one
+    notice line, never an error."""
+    import castspec.api as api
+
+    target, draft, other = pair
+    monkeypatch.setattr(api, "DEFAULT_DRAFT", draft)
+    assert api.resolve_draft(target, "auto") == draft
+    assert api.resolve_draft(target, "some-model") == "some-model"
+    code, out, err = run(capsys, "generate", "--target", other, "--policy", "chain:gamma=3", "--prompt", "zyx zyx zyx",
+                         "--max-new-tokens", "6", "--json", "--compare")
+    assert code == 0, err
+    assert "another tokenizer" in err and "speculating without a draft model" in err
+    assert json.loads(out)["ar"]["identical"] is True
+
+
 def test_bench_target_only_methods(pair, capsys, tmp_path):
     """`suffix` (cast over suffix-drafter trees, no draft model) equals ar; `hf-pld` (stock prompt lookup) runs."""
     target, draft, _ = pair

@@ -192,6 +192,7 @@ class MethodRunner:
         self.draft_model = base.drafter.runner.model if hasattr(base.drafter, "runner") else None
         self.eos_ids = _eos_ids(self.target_model, self.tokenizer)
         policies = {m: make_policy(suffix_policy(m) or m) for m in config.methods if is_policy(m)}
+        no_draft = config.draft is None or config.draft.strip().lower() == "none"  # speculate on the text alone
         table = None
         if any(getattr(p, "needs_costs", False) for p in policies.values()):
             models = {"target": self.target_model}
@@ -200,13 +201,16 @@ class MethodRunner:
             table = load_or_profile(models, path=config.cost_table, max_batch_size=max(config.batch_sizes))
         self.generators = {
             m: SpeculativeGenerator(self.target_model, self.tokenizer,
-                                    SuffixDrafter(self.target_model.device) if suffix_policy(m) else self.draft_model,
+                                    SuffixDrafter(self.target_model.device) if suffix_policy(m) or no_draft
+                                    else self.draft_model,
                                     p, costs=OnlineCosts(table) if table else None)
             for m, p in policies.items()}
         self.stock_target = self.stock_draft = None
         if any(m in HF_METHODS for m in config.methods):
             self.stock_target, _ = load_model(config.target, device=config.device)
         if "hf-assisted" in config.methods:
+            if no_draft:
+                raise CastspecError("hf-assisted needs a draft model (--draft MODEL)")
             self.stock_draft, _ = load_model(config.draft, device=config.device)
         self.llamacpp = None
         self.llamacpp_spec: dict[str, Any] = {}

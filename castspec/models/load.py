@@ -52,17 +52,14 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
                dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for a built-in name or a local HF directory: eval mode, no gradients, SDPA attention,
     nothing fetched from the network."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model_dir = resolve_model_dir(name_or_path)
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise CastspecError(f"invalid device {device!r} ({_first_line(e)})") from e
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except Exception as e:  # whatever transformers raises, the user needs the path
-        raise _load_failed("the tokenizer", model_dir, e) from e
+    tokenizer = load_tokenizer(model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype,
                                                      attn_implementation="sdpa")
@@ -75,6 +72,17 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """The tokenizer alone (cheap: to compare two models' vocabularies before loading weights)."""
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model_dir(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # whatever transformers raises, the user needs the path
+        raise _load_failed("the tokenizer", model_dir, e) from e
 
 
 def _safetensors_numel(path: Path) -> int:
