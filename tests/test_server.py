@@ -541,7 +541,7 @@ def test_castspec_serve_end_to_end_and_graceful_sigterm(tmp_path):
         rest = list(stream)
         assert rest[-1].choices[0].finish_reason == "length"
         assert rest[-1].model_extra["timings"]["predicted_n"] == 60 and first.choices
-        assert process.wait(timeout=60) == -signal.SIGTERM  # uvicorn re-raises the signal after shutting down
+        assert process.wait(timeout=60) == 0  # a clean exit after the drain
         assert "castspec: serving" in process.stdout.read()
     finally:
         if process.poll() is None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -41,6 +43,7 @@ from castspec.server.text import IncrementalText
 from castspec.verify import SamplingConfig
 
 RETRY_AFTER_S = 1
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Service:
@@ -207,16 +210,19 @@ async def _disconnected(request: Request) -> None:
 
 
 def create_app(gen, model_name: str, max_batch_size: int = 8, max_queue: int = 64,
-               shutdown_timeout_s: float = 30.0) -> FastAPI:
-    """The app serving `gen` as `model_name`. Its lifespan starts the engine thread and, at shutdown, stops
-    admitting, lets live requests finish for up to `shutdown_timeout_s`, then cancels the rest."""
+               shutdown_timeout_s: float = 30.0, engine_thread: bool = True) -> FastAPI:
+    """The app serving `gen` as `model_name`. With `engine_thread`, its lifespan starts the engine thread and, at
+    shutdown, stops admitting, lets live requests finish for up to `shutdown_timeout_s`, then cancels the rest.
+    Without, the caller runs the engine loop (`app.state.service.scheduler.run_here`, as `serve` does)."""
     service = Service(gen, model_name, max_batch_size, max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service.scheduler.start()
+        if engine_thread:
+            service.scheduler.start()
         yield
-        await asyncio.to_thread(service.scheduler.close, shutdown_timeout_s)
+        if engine_thread:
+            await asyncio.to_thread(service.scheduler.close, shutdown_timeout_s)
 
     app = FastAPI(title="castspec", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
@@ -283,13 +289,29 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(gen, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8,
           max_queue: int = 64, shutdown_timeout_s: float = 30.0) -> None:
-    """Serve until SIGINT/SIGTERM, then shut down gracefully (see `create_app`)."""
+    """Serve until SIGINT/SIGTERM: the engine loop runs in this (the main) thread, uvicorn in another. A signal stops
+    admitting requests; those in flight finish (up to `shutdown_timeout_s`, then 503), then uvicorn closes."""
     import uvicorn
 
-    app = create_app(gen, model_name, max_batch_size, max_queue, shutdown_timeout_s)
+    app = create_app(gen, model_name, max_batch_size, max_queue, shutdown_timeout_s, engine_thread=False)
     sock = listen(host, port)
     bound = sock.getsockname()
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=shutdown_timeout_s)
-    print(f"castspec: serving '{model_name}' on http://{host}:{bound[1]} (OpenAI API under /v1; max batch "
-          f"{max_batch_size}, queue {max_queue})", file=sys.stderr, flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="castspec-http", daemon=True)
+    scheduler = app.state.service.scheduler
+    previous = {sig: signal.signal(sig, lambda signum, frame: scheduler.stop()) for sig in SHUTDOWN_SIGNALS}
+    try:
+        http.start()
+        while not server.started and http.is_alive():
+            time.sleep(0.05)
+        if not server.started:
+            raise CastspecError(f"the HTTP server on {host}:{bound[1]} did not start (see the lines above)")
+        print(f"castspec: serving '{model_name}' on http://{host}:{bound[1]} (OpenAI API under /v1; max batch "
+              f"{max_batch_size}, queue {max_queue})", file=sys.stderr, flush=True)
+        scheduler.run_here(shutdown_timeout_s)  # the engine in the main thread, until a signal and the drain
+    finally:
+        server.should_exit = True  # then uvicorn closes its connections (the answered streams have ended)
+        http.join(timeout=shutdown_timeout_s + 5)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

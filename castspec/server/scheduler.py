@@ -91,17 +91,22 @@ class Scheduler:
         self._cancelled: set[int] = set()
         self._keys = itertools.count()
         self._accepting, self._stopping, self._abort = True, False, False
+        self._shutdown_timeout_s, self._deadline = 30.0, float("inf")  # run_here's drain limit; set by stop()
+        self._running = False
         self._thread = threading.Thread(target=self._run, name="castspec-engine", daemon=True)
         self.state = None
 
     # --- any thread ---------------------------------------------------------------------------------------------
     def start(self) -> None:
+        """Run the engine loop in its own thread (tests, embedding); `castspec serve` uses `run_here`."""
         self.state = self.gen.open_batch()
+        self._running = True
         self._thread.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """The engine loop is running (in its own thread or in `run_here`'s)."""
+        return self._running
 
     def submit(self, job: Job) -> None:
         """Queue a request, or raise `QueueFull` when `max_queue` requests already wait (or we are stopping)."""
@@ -130,6 +135,27 @@ class Scheduler:
         with self._cond:
             return len(self._live), len(self._waiting)
 
+    def run_here(self, shutdown_timeout_s: float = 30.0) -> None:
+        """Run the engine loop in the calling thread until `stop()` and the requests still in flight have finished
+        (those left after `shutdown_timeout_s` are cancelled with 503).
+
+        `castspec serve` runs it in the main thread, the HTTP server in another: torch's OpenMP workers serve the
+        main thread's team at full speed, while ops issued from a second Python thread ran 40-75% slower here
+        (AMD EPYC AVX2, 2 cores; /work measurements in the issue-16 note)."""
+        self.state = self.gen.open_batch()
+        self._shutdown_timeout_s = shutdown_timeout_s
+        self._run()
+
+    def stop(self) -> None:
+        """Stop admitting requests; the loop ends when the ones in flight have finished (safe in a signal handler:
+        the condition's lock is reentrant)."""
+        with self._cond:
+            if not self._stopping:
+                self._deadline = time.monotonic() + self._shutdown_timeout_s
+            self._accepting = False
+            self._stopping = True
+            self._cond.notify()
+
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop admitting new requests, let the queued and live ones finish for up to `timeout_s`, then cancel what
         is left (503 to each) and end the thread."""
@@ -145,10 +171,19 @@ class Scheduler:
 
     # --- the engine thread --------------------------------------------------------------------------------------
     def _run(self) -> None:
+        self._running = True
+        try:
+            self._loop()
+        finally:
+            self._running = False
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while not (self._waiting or self._live or self._stopping):
                     self._cond.wait()
+                if self._stopping and time.monotonic() > self._deadline:
+                    self._abort = True
                 if self._abort or (self._stopping and not self._waiting and not self._live):
                     break
                 cancelled, self._cancelled = self._cancelled, set()
