@@ -56,7 +56,7 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
                    policy: TreePolicy | str = DEFAULT_POLICY, device: str = "cpu", fast_kernels: bool = True,
                    draft_quant: str = "int8", cost_table: str | None = None,
                    max_batch_size: int = 1, target_dtype: str = "fp32",
-                   draft_vocab: int | None = None) -> SpeculativeGenerator:
+                   draft_vocab: int | None = None, suffix: bool = False) -> SpeculativeGenerator:
     """Load models and build a `SpeculativeGenerator`.
 
     On CPU, `fast_kernels` runs every fp32 linear of both models on oneDNN with pre-packed weights (the `ar`
@@ -71,6 +71,9 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
     (CPU only: int8 weights per output channel, activations scaled per row so each token's logits are bitwise
     independent of what else shares the forward; ~3x fewer bytes per step, a different model than fp32 — greedy
     output equals *its own* plain decoding, see `castspec.models.formats`).
+
+    `suffix` (with a draft model): each node's candidates also include what followed the same text earlier in the
+    prompt or output (`castspec.drafters.suffix.MixedDrafter`); lossless like any draft.
 
     `draft="auto"`: the default draft if it has the target's tokenizer, else none. `draft="none"`: speculate without
     a draft model; candidates come from repeats in the prompt and the output so
@@ -124,7 +127,7 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
         table = load_or_profile(models, path=cost_table, max_batch_size=max_batch_size)
         costs = OnlineCosts(table)
     drafter = SuffixDrafter(target_model.device) if target_only and policy.uses_draft else draft_model
-    return SpeculativeGenerator(target_model, tokenizer, draft=drafter, policy=policy, costs=costs)
+    return SpeculativeGenerator(target_model, tokenizer, draft=drafter, policy=policy, costs=costs, suffix=suffix)
 
 
 def resolve_draft_vocab(draft_vocab: int | None) -> int:

@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", default=f"ar,hf,{DEFAULT_POLICY}",
                        help="comma-separated; separate a method's own parameters with '/' instead of ',' "
                             "(e.g. eagle2:total_tokens=16/depth=4); ar, hf, hf-assisted, hf-pld, llama.cpp, "
-                            "llama.cpp-spec:n=N, suffix[:POLICY] or a policy spec")
+                            "llama.cpp-spec:n=N, suffix[:POLICY], POLICY+suffix or a policy spec")
     bench.add_argument("--gguf", default=None,
                        help="GGUF file the llama.cpp method decodes (default: the built-in target's own GGUF, "
                             "assembled once into the cache from its packages)")
@@ -221,6 +221,9 @@ def _model_arguments(parser: argparse.ArgumentParser, target: str, draft: str) -
                         help="run the draft's linears in int8 on CPU (lossless: the target decides every token)")
     parser.add_argument("--draft-vocab", type=_draft_vocab, default=None, metavar="N",
                         help=DRAFT_VOCAB_HELP)
+    parser.add_argument("--suffix", action="store_true",
+                        help="with a draft model: also propose repeats of the prompt and output as candidates, "
+                             "merged into the same tree (lossless; helps copy-heavy text)")
     parser.add_argument("--target-dtype", choices=["fp32", "int8"], default="fp32",
                         help="the target's format: fp32 (the packaged weights, dequantized) or int8 (CPU: per-channel "
                              "weights, per-row activations; output is exactly int8 plain decoding's, not fp32's)")
@@ -334,6 +337,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.quick:
         args.num_prompts, args.max_new_tokens = 2, 16
         args.methods = "ar,hf,chain:gamma=4,eagle2:total_tokens=16/depth=4/top_k=4,cast"
+    if args.suffix:
+        raise CastspecError("bench: name the methods that should merge suffix candidates POLICY+suffix "
+                            "(e.g. --methods ar,cast,cast+suffix) instead of --suffix")
     methods = _bench_methods(args.methods)
     batch_sizes = _int_list(args.batch_size, "--batch-size")
     _sampling(args)  # validate before loading prompts or models
@@ -370,7 +376,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_methods(text: str) -> list[str]:
     """The --methods list, each policy spec checked now (a typo should not wait for the models to load)."""
-    from castspec.bench.runner import is_policy, suffix_policy
+    from castspec.bench.runner import is_policy, mixed_policy, suffix_policy
     from castspec.policies import make_policy
 
     methods = [m.strip().replace("/", ",") for m in text.split(",") if m.strip()]
@@ -378,7 +384,7 @@ def _bench_methods(text: str) -> list[str]:
         raise CastspecError("--methods is empty; e.g. --methods ar,hf,cast")
     for method in methods:
         if is_policy(method):
-            make_policy(suffix_policy(method) or method)
+            make_policy(suffix_policy(method) or mixed_policy(method) or method)
     return methods
 
 
@@ -442,7 +448,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     gen = load_generator(args.target, args.draft if policy.uses_draft else None, policy, device=args.device,
                          fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
                          target_dtype=args.target_dtype, cost_table=args.cost_table,
-                         max_batch_size=min(args.batch_size, len(prompts)), draft_vocab=args.draft_vocab)
+                         max_batch_size=min(args.batch_size, len(prompts)), draft_vocab=args.draft_vocab,
+                         suffix=args.suffix)
     if args.batch_size > 1:
         return _generate_batches(args, gen, prompts)
     gen.generate(prompt, max_new_tokens=2, chat=args.chat)  # warm-up: first-call allocations are not speed
@@ -485,7 +492,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     gen = load_generator(args.target, args.draft if policy.uses_draft else None, policy, device=args.device,
                          fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
                          target_dtype=args.target_dtype, cost_table=args.cost_table,
-                         max_batch_size=args.max_batch_size, draft_vocab=args.draft_vocab)
+                         max_batch_size=args.max_batch_size, draft_vocab=args.draft_vocab, suffix=args.suffix)
     gen.generate(gen.encode("Hello"), max_new_tokens=2)  # warm-up: first-call allocations are not a request's time
     serve(gen, args.target, args.host, args.port, args.max_batch_size, args.max_queue, args.shutdown_timeout)
     return 0

@@ -22,6 +22,7 @@ import torch
 from castspec.cost.table import OnlineCosts
 from castspec.draft import DraftLM
 from castspec.drafters.base import Drafter
+from castspec.drafters.suffix import MixedDrafter, SuffixDrafter
 from castspec.errors import CastspecError
 from castspec.models.runner import CausalLMRunner
 from castspec.policies import StepContext, StepRecord, TreePolicy, make_policy
@@ -150,9 +151,10 @@ class SpeculativeGenerator:
     """Generate with a target model, optionally sped up by a draft model and a tree policy."""
 
     def __init__(self, target, tokenizer, draft: Any = None, policy: TreePolicy | str = "ar",
-                 costs: OnlineCosts | None = None):
+                 costs: OnlineCosts | None = None, suffix: bool = False):
         """`draft`: a draft model (a causal LM with the target's vocabulary), a `Drafter` (e.g. `SuffixDrafter()`:
-        speculation without a draft model), or None (plain decoding only)."""
+        speculation without a draft model), or None (plain decoding only). `suffix` with a draft model: merge its
+        candidates with repeats of the prompt and output (`castspec.drafters.suffix.MixedDrafter`)."""
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         if self.policy.uses_draft and draft is None:
             raise CastspecError(f"policy '{self.policy.name}' needs a draft model (--draft)")
@@ -170,6 +172,8 @@ class SpeculativeGenerator:
         elif draft is not None and self.policy.uses_draft:
             check_same_vocabulary(target, draft)
             self.drafter = DraftLM(CausalLMRunner(draft, canonical=False))
+            if suffix:
+                self.drafter = MixedDrafter(self.drafter, SuffixDrafter(target.device))
         self.vocab_size = target.get_input_embeddings().weight.shape[0]  # valid token ids: 0 .. vocab_size - 1
         check_children_fit(self.policy, self.drafter.vocab_size if self.drafter is not None else self.vocab_size)
         self.eos_ids = _eos_ids(target, tokenizer)

@@ -219,18 +219,31 @@ def test_auto_draft_is_the_default_draft_or_none(pair, capsys, monkeypatch):
     assert json.loads(out)["ar"]["identical"] is True
 
 
-def test_bench_target_only_methods(pair, capsys, tmp_path):
-    """`suffix` (cast over suffix-drafter trees, no draft model) equals ar; `hf-pld` (stock prompt lookup) runs."""
+def test_generate_with_suffix_candidates_equals_ar(pair, capsys):
+    target, draft, _ = pair
+    code, out, err = run(capsys, "generate", "--target", target, "--draft", draft, "--suffix", "--policy",
+                         "chain:gamma=3", "--prompt", "hello hello hello", "--max-new-tokens", "10", "--json",
+                         "--compare")
+    assert code == 0, err
+    assert json.loads(out)["ar"]["identical"] is True
+    code, _, err = run(capsys, "bench", "--target", target, "--draft", draft, "--suffix")
+    assert code == 2 and "cast+suffix" in err
+
+
+def test_bench_target_only_methods(pair, capsys, tmp_path, monkeypatch):
+    """`suffix` (cast over suffix-drafter trees, no draft model) and `cast+suffix` (merged with the draft model's)
+    equal ar; `hf-pld` (stock prompt lookup) runs."""
+    monkeypatch.setenv("CASTSPEC_HOME", str(tmp_path / "home"))  # its quick cost table stays out of the user's cache
     target, draft, _ = pair
     questions = _spec_bench_file(tmp_path / "question.jsonl")
     out = tmp_path / "out"
     code, _, err = run(capsys, "bench", "--target", target, "--draft", draft, "--dataset", f"spec-bench:{questions}:qa",
-                       "--num-prompts", "2", "--methods", "ar,hf-pld,suffix,suffix:chain:gamma=3",
+                       "--num-prompts", "2", "--methods", "ar,hf-pld,suffix,suffix:chain:gamma=3,cast+suffix",
                        "--max-new-tokens", "6", "--out", str(out))
     assert code == 0, err
     summary = json.loads((out / "results.json").read_text())["by_batch_size"]["1"]["summary"]
-    assert set(summary) == {"ar", "hf-pld", "suffix", "suffix:chain:gamma=3"}
-    for method in ("suffix", "suffix:chain:gamma=3"):
+    assert set(summary) == {"ar", "hf-pld", "suffix", "suffix:chain:gamma=3", "cast+suffix"}
+    for method in ("suffix", "suffix:chain:gamma=3", "cast+suffix"):
         assert summary[method]["failed"] == [] and summary[method]["identical_to_ar"] == 1.0, method
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
 import torch
 
 from castspec.drafters.base import NO_SCORE, NO_TOKEN
@@ -72,3 +73,14 @@ def test_the_drafter_learns_accepted_tokens_and_keeps_rows():
     drafter.keep_rows([0, 2])
     assert [r.tokens for r in drafter.rows] == [[1, 2, 3, 1, 2, 3], [9, 9, 9]]
     assert drafter.start(1)[1][:, 0, 0].tolist() == [1, 9]
+
+
+def test_merged_children_keep_each_token_once_with_its_best_score():
+    from castspec.drafters.suffix import merge_children
+
+    lm = (torch.tensor([[[-0.1, -1.0, -2.0]]]), torch.tensor([[[5, 6, 7]]]))
+    suffix = (torch.tensor([[[0.0, -0.5, NO_SCORE]]]), torch.tensor([[[6, 5, NO_TOKEN]]]))
+    scores, tokens = merge_children(lm, suffix, 3)
+    assert tokens.tolist() == [[[6, 5, 7]]] and scores.tolist() == [[[0.0, pytest.approx(-0.1), -2.0]]]
+    scores, tokens = merge_children(suffix, suffix, 3)  # only padding left to fill: it stays padding, last
+    assert tokens.tolist() == [[[6, 5, NO_TOKEN]]]

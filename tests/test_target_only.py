@@ -1,4 +1,4 @@
-"""Speculation without a draft model (`--draft none`): the suffix drafter proposes repeats of the prompt and output.
+"""Suffix drafting: without a draft model (`--draft none`), and merged with one (`cast+suffix`).
 
 Greedy output must equal plain decoding for every policy, alone, in a batch and in a live batch; sampling must
 follow the target's law although the trees hold padding nodes; and speculation must actually happen (tokens get
@@ -121,3 +121,14 @@ def test_load_generator_speculates_without_a_draft_model(monkeypatch):
     gen = api.load_generator("target-name", draft="none", policy="cast", fast_kernels=False)
     assert loaded == ["target-name"] and isinstance(gen.drafter, SuffixDrafter)
     assert gen.generate(REPEATING, max_new_tokens=8).token_ids == reference_greedy(model, REPEATING, 8)
+
+
+@pytest.mark.parametrize("policy", ["chain:gamma=3", "cast", "cast:mode=paper"])
+def test_draft_model_and_suffix_candidates_in_one_tree_are_exact(target, policy):
+    draft = on_test_device(tiny_model("qwen2", seed=5, layers=1, sharpen=30.0))  # often wrong: suffix nodes help
+    gen = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy=policy, costs=OnlineCosts(FLAT),
+                               suffix=True)
+    results = gen.generate_batch(PROMPTS, max_new_tokens=20)
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        assert result.token_ids == reference_greedy(target, prompt, 20), (policy, prompt)
+    assert sum(sum(r.stats.accepted) for r in results) > 0

@@ -4,7 +4,8 @@ Methods: `ar` (our loop, plain decoding, same fast kernels as every speculative 
 `transformers` `generate`, stock kernels: what a user gets out of the box), `hf-assisted` (stock
 `generate(assistant_model=draft)`, batch 1 only in transformers), `hf-pld` (stock `generate` with prompt lookup,
 `prompt_lookup_num_tokens=10`, batch 1 only), `suffix` / `suffix:POLICY` (castspec without a draft model: CAST, or
-POLICY, over trees from the suffix drafter), `llama.cpp` and `llama.cpp-spec:n=N` (llama.cpp's
+POLICY, over trees from the suffix drafter), `POLICY+suffix` (e.g. `cast+suffix`: the draft model's candidates and
+the suffix drafter's merged in one tree), `llama.cpp` and `llama.cpp-spec:n=N` (llama.cpp's
 plain greedy and speculative decoding of the GGUF files, batch 1 only; optional, see `castspec/bench/llamacpp.py`)
 and any tree policy spec
 (`chain:gamma=4`, `static`, `eagle2:total_tokens=16`). Prompts are grouped into batches of each requested batch
@@ -42,6 +43,14 @@ from castspec.policies import make_policy
 HF_METHODS = ("hf", "hf-assisted", "hf-pld")
 SUFFIX = "suffix"  # `suffix` or `suffix:POLICY`: POLICY (default cast) over suffix-drafter trees, no draft model
 PLD_TOKENS = 10  # hf-pld: stock generate(prompt_lookup_num_tokens=10), the prompt-lookup anchor users have today
+
+
+MIXED = "+suffix"  # `POLICY+suffix`: POLICY over trees merging the draft model's candidates with the suffix drafter's
+
+
+def mixed_policy(method: str) -> str | None:
+    """The policy spec of a `POLICY+suffix` method (draft model and suffix candidates in one tree), else None."""
+    return method[: -len(MIXED)] if method.endswith(MIXED) and len(method) > len(MIXED) else None
 
 
 def suffix_policy(method: str) -> str | None:
@@ -179,11 +188,12 @@ class MethodRunner:
         self.busy_at_start = None
         for method in config.methods:
             if is_policy(method):
-                make_policy(suffix_policy(method) or method)  # fail early on a bad method name or parameter
+                make_policy(suffix_policy(method) or mixed_policy(method) or method)  # fail early on a bad name
         require_llamacpp(config.methods)
         check_llamacpp_settings(config.methods, config.temperature)
         needs_draft = any(m == "hf-assisted" or (is_policy(m) and suffix_policy(m) is None
-                                                 and make_policy(m).uses_draft) for m in config.methods)
+                                                 and make_policy(mixed_policy(m) or m).uses_draft)
+                          for m in config.methods)
         base = load_generator(config.target, config.draft if needs_draft else None,
                               "chain" if needs_draft else "ar", device=config.device, draft_quant=config.draft_quant,
                               target_dtype=config.target_dtype)
@@ -191,7 +201,7 @@ class MethodRunner:
         self.target_model = base.target.model
         self.draft_model = base.drafter.runner.model if hasattr(base.drafter, "runner") else None
         self.eos_ids = _eos_ids(self.target_model, self.tokenizer)
-        policies = {m: make_policy(suffix_policy(m) or m) for m in config.methods if is_policy(m)}
+        policies = {m: make_policy(suffix_policy(m) or mixed_policy(m) or m) for m in config.methods if is_policy(m)}
         no_draft = config.draft is None or config.draft.strip().lower() == "none"  # speculate on the text alone
         table = None
         if any(getattr(p, "needs_costs", False) for p in policies.values()):
@@ -203,7 +213,7 @@ class MethodRunner:
             m: SpeculativeGenerator(self.target_model, self.tokenizer,
                                     SuffixDrafter(self.target_model.device) if suffix_policy(m) or no_draft
                                     else self.draft_model,
-                                    p, costs=OnlineCosts(table) if table else None)
+                                    p, costs=OnlineCosts(table) if table else None, suffix=bool(mixed_policy(m)))
             for m, p in policies.items()}
         self.stock_target = self.stock_draft = None
         if any(m in HF_METHODS for m in config.methods):

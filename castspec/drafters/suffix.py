@@ -128,3 +128,53 @@ class SuffixDrafter(Drafter):
         new_tokens, accepted = outcome.new_tokens.tolist(), outcome.n_accepted.tolist()
         for index, tokens, count in zip(self.rows, new_tokens, accepted, strict=True):
             index.extend(tokens[: count + 1])
+
+
+class MixedDrafter(Drafter):
+    """A draft LM's children and the suffix drafter's, merged per node into one candidate list (`cast+suffix`).
+
+    Each node gets the k best of the union by log-score, a token proposed by both counting once with its higher
+    score; so a long copied span the LM doubts can still be drafted, and the LM fills in where the text does not
+    repeat. The LM feeds every expanded node, whichever source proposed it, so its cache contract is unchanged.
+    """
+
+    def __init__(self, lm: Drafter, suffix: SuffixDrafter):
+        self.lm, self.suffix = lm, suffix
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.vocab_size
+
+    def add_rows(self, prompts: list[list[int]], first_token: torch.Tensor, budget: int = 0,
+                 fresh: bool = False) -> None:
+        self.lm.add_rows(prompts, first_token, budget, fresh)
+        self.suffix.add_rows(prompts, first_token, budget, fresh)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.lm.keep_rows(rows)
+        self.suffix.keep_rows(rows)
+
+    def start(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return merge_children(self.lm.start(k), self.suffix.start(k), k)
+
+    def expand(self, tree: DraftTree, frontier: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return merge_children(self.lm.expand(tree, frontier, k), self.suffix.expand(tree, frontier, k), k)
+
+    def finish_step(self, tree: DraftTree, nodes: torch.Tensor, outcome: Outcome) -> None:
+        self.lm.finish_step(tree, nodes, outcome)
+        self.suffix.finish_step(tree, nodes, outcome)
+
+
+def merge_children(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor],
+                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of two candidate lists [B, F, k] per node, each token once (with its best score); padding last."""
+    scores = torch.cat([first[0], second[0].to(first[0].dtype)], dim=-1)
+    tokens = torch.cat([first[1], second[1]], dim=-1)
+    same = tokens[..., :, None] == tokens[..., None, :]  # [B, F, 2k, 2k]
+    better = (scores[..., None, :] > scores[..., :, None]) | (
+        (scores[..., None, :] == scores[..., :, None]) & torch.ones_like(same).triu(1).transpose(-1, -2))
+    duplicate = (same & better).any(dim=-1) | (tokens == NO_TOKEN)  # a better copy exists, or padding
+    scores = torch.where(duplicate, torch.full_like(scores, NO_SCORE), scores)
+    tokens = torch.where(duplicate, torch.full_like(tokens, NO_TOKEN), tokens)
+    best = scores.topk(k, dim=-1).indices
+    return scores.gather(-1, best), tokens.gather(-1, best)
