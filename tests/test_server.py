@@ -396,7 +396,7 @@ BAD = [
     ("/v1/completions", {"prompt": "5 6", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"prompt": "5 6", "n": 2}, 400, "n"),
     ("/v1/completions", {"prompt": "5 6", "stop": [""]}, 400, "stop.0"),
-    ("/v1/completions", {"prompt": "5 6", "model": "gpt-4"}, 404, "model"),
+    ("/v1/completions", {"prompt": "5 6", "model": "gpt-4"}, 400, "model"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": "   "}, 400, "prompt"),
     ("/v1/completions", {"prompt": []}, 400, "prompt"),
@@ -425,7 +425,7 @@ def test_bad_requests_get_an_openai_error_and_the_server_serves_on(server, path,
 
 
 def test_the_openai_client_raises_on_errors(server):
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.BadRequestError, match="model_not_found|does not exist"):
         server.client.completions.create(model="gpt-4", prompt="5", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         server.client.completions.create(model=MODEL, prompt="5", max_tokens=0)

@@ -2,9 +2,9 @@
 `/v1/models`, `/health` and `/metrics`, in front of the engine thread (`castspec.server.scheduler`).
 
 Handlers only validate, tokenize and wait: every model call happens on the engine thread. Status codes: 400 for a bad
-request (malformed JSON, wrong types or values, empty or too long prompt), 404 for a model name other than the one
-served (OpenAI's code `model_not_found`; leaving `model` out is fine), 503 with `Retry-After` when the waiting queue
-is full or the server is stopping, 500 when the engine failed. Every error body is OpenAI's
+request (malformed JSON, wrong types or values, empty or too long prompt, a model name other than the one served:
+code `model_not_found`; leaving `model` out is fine), 503 with `Retry-After` when the waiting queue is full or the
+server is stopping, 500 when the engine failed. Every error body is OpenAI's
 `{"error": {"message", "type", "param", "code"}}`.
 """
 
@@ -58,7 +58,7 @@ class Service:
     # --- a request's inputs -------------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
+            raise ApiError(400, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
