@@ -79,3 +79,21 @@ class ToyTokenizer:
 
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(str(i) for i in ids)
+
+
+def drive_live_batch(gen, joins: dict[int, tuple[list[int], list[list[int]], list[int], list]],
+                     leaves: dict[int, list[int]] | None = None) -> dict[int, list[int]]:
+    """Step a live batch until it empties: before step s, `leaves[s]` keys leave and `joins[s]` = (keys, prompts,
+    budgets, choosers) join. Returns each key's emitted tokens."""
+    state = gen.open_batch()
+    outs: dict[int, list[int]] = {}
+    leaves = leaves or {}
+    step = 0
+    while step <= max(joins) or state.rows:
+        gen.remove_rows(state, leaves.get(step, []))
+        events = gen.add_rows(state, *joins[step]) if step in joins else []
+        events += gen.step(state)
+        for key, tokens, _ in events:
+            outs.setdefault(key, []).extend(tokens)
+        step += 1
+    return outs

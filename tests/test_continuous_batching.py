@@ -12,7 +12,7 @@ from castspec.cost.table import OnlineCosts
 from castspec.engine import SpeculativeGenerator
 from castspec.errors import CastspecError
 from castspec.verify import SamplingConfig, TokenChooser
-from tests.conftest import ToyTokenizer, on_test_device, reference_greedy, tiny_model
+from tests.conftest import ToyTokenizer, drive_live_batch, on_test_device, reference_greedy, tiny_model
 from tests.test_cast import FLAT
 
 PROMPTS = [[5, 17, 33], [11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41], [7, 7, 7, 7]]
@@ -33,22 +33,9 @@ def generator(target, policy: str) -> SpeculativeGenerator:
 def run_schedule(gen: SpeculativeGenerator, arrivals: dict[int, list[int]], budgets: list[int],
                  cancel: dict[int, list[int]] | None = None) -> dict[int, list[int]]:
     """Step a live batch; before step s, the sequences `arrivals[s]` join and `cancel[s]` leave."""
-    state = gen.open_batch()
-    outs: dict[int, list[int]] = {}
-    cancel = cancel or {}
-    step = 0
-    while step <= max(arrivals) or state.rows:
-        gen.remove_rows(state, cancel.get(step, []))
-        keys = arrivals.get(step, [])
-        events = []
-        if keys:
-            events += gen.add_rows(state, keys, [PROMPTS[k] for k in keys], [budgets[k] for k in keys],
-                                   [TokenChooser(GREEDY) for _ in keys])
-        events += gen.step(state)
-        for key, tokens, _ in events:
-            outs.setdefault(key, []).extend(tokens)
-        step += 1
-    return outs
+    joins = {step: (keys, [PROMPTS[k] for k in keys], [budgets[k] for k in keys], [TokenChooser(GREEDY) for _ in keys])
+             for step, keys in arrivals.items()}
+    return drive_live_batch(gen, joins, cancel)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -94,18 +81,8 @@ def test_a_seeded_sampled_row_is_the_same_alone_again_and_in_a_live_batch(target
     sampled = SamplingConfig(temperature=0.8, top_k=20, seed=123)
     alone = gen.generate(PROMPTS[0], max_new_tokens=12, temperature=0.8, top_k=20, seed=123).token_ids
     assert gen.generate(PROMPTS[0], max_new_tokens=12, temperature=0.8, top_k=20, seed=123).token_ids == alone
-    state = gen.open_batch()
-    outs: dict[int, list[int]] = {}
-    events = gen.add_rows(state, [1, 2], [PROMPTS[2], PROMPTS[3]], [12, 12], [gen.chooser(GREEDY)] * 2)
-    step = 0
-    while True:
-        for key, tokens, _ in events:
-            outs.setdefault(key, []).extend(tokens)
-        if not state.rows:
-            break
-        events = gen.add_rows(state, [0], [PROMPTS[0]], [12], [gen.chooser(sampled)]) if step == 2 else []
-        events += gen.step(state)
-        step += 1
+    outs = drive_live_batch(gen, {0: ([1, 2], [PROMPTS[2], PROMPTS[3]], [12, 12], [gen.chooser(GREEDY)] * 2),
+                                  2: ([0], [PROMPTS[0]], [12], [gen.chooser(sampled)])})
     assert outs[0] == alone
     assert outs[1] == reference_greedy(target, PROMPTS[2], 12)  # the greedy rows are exact beside a sampled one
     assert outs[2] == reference_greedy(target, PROMPTS[3], 12)

@@ -13,7 +13,7 @@ from castspec.drafters.suffix import SuffixDrafter
 from castspec.engine import SpeculativeGenerator
 from castspec.policies.base import StepContext
 from castspec.verify import SamplingConfig
-from tests.conftest import ToyTokenizer, on_test_device, reference_greedy, tiny_model
+from tests.conftest import ToyTokenizer, drive_live_batch, on_test_device, reference_greedy, tiny_model
 from tests.test_cast import FLAT
 
 REPEATING = [5, 17, 33, 2, 61, 8, 5, 17, 33, 2, 61, 8, 5, 17]  # continues "33 2 61 8 ..." if the model copies
@@ -52,19 +52,9 @@ def test_batch_and_live_batch_are_exact(target, policy):
     results = gen.generate_batch(PROMPTS, max_new_tokens=16)
     for prompt, result in zip(PROMPTS, results, strict=True):
         assert result.token_ids == reference_greedy(target, prompt, 16)
-    state = gen.open_batch()
-    outs: dict[int, list[int]] = {}
-    events = gen.add_rows(state, [0], [PROMPTS[0]], [16], [gen.chooser(SamplingConfig())])
-    step = 0
-    while True:
-        for key, tokens, _ in events:
-            outs.setdefault(key, []).extend(tokens)
-        if not state.rows:
-            break
-        events = gen.add_rows(state, [1, 2], PROMPTS[1:], [16, 16], [gen.chooser(SamplingConfig())] * 2) \
-            if step == 1 else []
-        events += gen.step(state)
-        step += 1
+    greedy = gen.chooser(SamplingConfig())
+    outs = drive_live_batch(gen, {0: ([0], [PROMPTS[0]], [16], [greedy]),
+                                  1: ([1, 2], PROMPTS[1:], [16, 16], [gen.chooser(SamplingConfig())] * 2)})
     for key, prompt in enumerate(PROMPTS):
         assert outs[key] == reference_greedy(target, prompt, 16)
 

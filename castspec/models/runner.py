@@ -101,8 +101,7 @@ class CausalLMRunner:
             self.cache, self.block_pos = live, live_pos
             raise
         live.append_rows(self.cache)
-        self.cache = live
-        self.begin_block()
+        self.cache = live  # no block is open (checked above): only the block positions need the merged batch size
         self.block_pos = torch.zeros(self.batch_size, 0, dtype=torch.long, device=self.device)
         return logits
 
