@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from castspec.drafters.base import Drafter
+from castspec.drafters.base import Drafter, Proposals
 from castspec.models.draft_head import draft_vocab_ids, draft_vocab_size
 from castspec.models.runner import CausalLMRunner
 from castspec.tree import DraftTree
@@ -53,17 +53,17 @@ class DraftLM(Drafter):
         new_valid[:, -1] = True  # pending tokens sit right-aligned (padding first)
         self.set_pending(torch.cat([self.pending, new]), torch.cat([self.pending_valid, new_valid]))
 
-    def start(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def start(self, k: int) -> Proposals:
         """Feed the pending tokens; the root's k likeliest children: log-probabilities and tokens [B, 1, k]."""
         return self.top_children(self.start_logprobs(), k)
 
-    def expand(self, tree: DraftTree, frontier: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def expand(self, tree: DraftTree, frontier: torch.Tensor, k: int) -> Proposals:
         """Feed the frontier nodes [B, F]; their k likeliest children: log-probabilities and tokens [B, F, k]."""
         return self.top_children(self.expand_logprobs(tree, frontier), k)
 
-    def top_children(self, logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def top_children(self, logprobs: torch.Tensor, k: int) -> Proposals:
         child_logp, child_col = logprobs.topk(k, dim=-1)
-        return child_logp, self.token_ids(child_col)  # the same ids unless the draft's head is reduced
+        return Proposals.from_lm(child_logp, self.token_ids(child_col))  # the same ids unless the head is reduced
 
     def start_logprobs(self) -> torch.Tensor:
         """Feed the pending tokens; returns the log-probabilities of the root's children [B, 1, V] (V: `vocab_size`

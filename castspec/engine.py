@@ -463,23 +463,25 @@ class SpeculativeGenerator:
         if self.drafter is None or max_depth <= 0:
             return tree
         k = self.policy.children_per_node(1)
-        child_logp, child_tok = self.drafter.start(k)  # [B, 1, k]
+        children = self.drafter.start(k)  # [B, 1, k]
         frontier = None  # None: the root
         frontier_score = torch.zeros(root.shape[0], 1, device=root.device)
         for level in range(1, max_depth + 1):
-            cand_score = (frontier_score[:, :, None] + child_logp).flatten(1)
-            keep, n_expand = self.policy.choose(level, cand_score)
+            cand_score = (frontier_score[:, :, None] + children.scores).flatten(1)
+            cand_source = children.source.flatten(1)
+            keep, n_expand = self.policy.choose(level, cand_score, cand_source)
             if keep.shape[1] == 0:
                 break
             from_frontier = keep // k
             parents = frontier.gather(1, from_frontier) if frontier is not None else torch.full_like(keep, -1)
-            new_nodes = tree.add_level(child_tok.flatten(1).gather(1, keep), parents, cand_score.gather(1, keep))
+            new_nodes = tree.add_level(children.tokens.flatten(1).gather(1, keep), parents,
+                                       cand_score.gather(1, keep), cand_source.gather(1, keep))
             if n_expand == 0 or level == max_depth:
                 break
             frontier = new_nodes[:, :n_expand]
             frontier_score = tree.logscore.gather(1, frontier)
             k = self.policy.children_per_node(level + 1)
-            child_logp, child_tok = self.drafter.expand(tree, frontier, k)
+            children = self.drafter.expand(tree, frontier, k)
         return tree
 
     def _check_lengths(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -495,9 +497,10 @@ class SpeculativeGenerator:
 
 
 def _edge_outcomes(tree: DraftTree, vtree, outcome) -> dict[str, torch.Tensor]:
-    """Per verified node: its draft log-prob given its parent, whether its parent was accepted, and whether it was.
+    """Per verified node: its log-score given its parent, who proposed it, whether its parent was accepted, and
+    whether it was.
 
-    Nodes whose parent was accepted are exactly the ones the target judged; they calibrate draft confidence.
+    Nodes whose parent was accepted are exactly the ones the target judged; they calibrate each source's confidence.
     """
     batch, count = vtree.tokens.shape
     accepted = torch.zeros(batch, count + 1, dtype=torch.bool, device=vtree.tokens.device)
@@ -508,7 +511,8 @@ def _edge_outcomes(tree: DraftTree, vtree, outcome) -> dict[str, torch.Tensor]:
     is_child_of_root = vtree.parent_pos < 0
     parent_score = torch.where(is_child_of_root, 0.0, score.gather(1, parent))
     parent_accepted = is_child_of_root | accepted.gather(1, parent)
-    return {"edge_logp": score - parent_score, "parent_accepted": parent_accepted, "node_accepted": accepted}
+    return {"edge_logp": score - parent_score, "parent_accepted": parent_accepted, "node_accepted": accepted,
+            "edge_source": tree.source.gather(1, vtree.nodes)}
 
 
 def check_same_vocabulary(target, draft) -> None:

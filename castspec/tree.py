@@ -23,6 +23,7 @@ class DraftTree:
     logscore: torch.Tensor  # [B, N] log of the path probability under the draft (sum of log-probs)
     ancestors: torch.Tensor  # [B, N, N] bool, ancestors[b, i, j]: j is i or an ancestor of i
     draft_slot: torch.Tensor  # [B, N] slot of the node in the draft's step block, -1 if never fed to the draft
+    source: torch.Tensor  # [B, N] who proposed the node (`castspec.drafters.base.SOURCE_*`)
 
     @classmethod
     def empty(cls, root: torch.Tensor) -> DraftTree:
@@ -36,6 +37,7 @@ class DraftTree:
             logscore=torch.zeros(batch, 0, dtype=torch.float32, device=device),
             ancestors=torch.zeros(batch, 0, 0, dtype=torch.bool, device=device),
             draft_slot=torch.zeros(batch, 0, **long),
+            source=torch.zeros(batch, 0, **long),
         )
 
     @property
@@ -46,8 +48,10 @@ class DraftTree:
     def batch_size(self) -> int:
         return self.root.shape[0]
 
-    def add_level(self, tokens: torch.Tensor, parents: torch.Tensor, logscore: torch.Tensor) -> torch.Tensor:
-        """Append W nodes per sequence whose parents (node index, or -1 for the root) already exist.
+    def add_level(self, tokens: torch.Tensor, parents: torch.Tensor, logscore: torch.Tensor,
+                  source: torch.Tensor | None = None) -> torch.Tensor:
+        """Append W nodes per sequence whose parents (node index, or -1 for the root) already exist (`source`:
+        who proposed each, default the draft model).
 
         Returns the new nodes' indices [B, W].
         """
@@ -69,6 +73,7 @@ class DraftTree:
         self.logscore = torch.cat([self.logscore, logscore.float()], dim=1)
         self.ancestors = anc
         self.draft_slot = torch.cat([self.draft_slot, torch.full_like(tokens, -1)], dim=1)
+        self.source = torch.cat([self.source, torch.zeros_like(tokens) if source is None else source], dim=1)
         return new_idx
 
     def select(self, nodes: torch.Tensor) -> VerifyTree:

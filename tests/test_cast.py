@@ -208,6 +208,44 @@ def test_calibration_learns_acceptance():
     assert float(low) <= float(high)
 
 
+def test_calibration_is_kept_per_source():
+    """A repeat seen once (log-frequency 0) after a long match is accepted far more often than one after a short
+    match, and than a draft model's equally confident token: one table per source learns each."""
+    calib = Calibration()
+    score = torch.zeros(400)
+    calib.update(score, torch.arange(400) % 10 < 9, torch.full((400,), 4))  # long matches: 90% accepted
+    calib.update(score, torch.arange(400) % 10 < 2, torch.full((400,), 1))  # one-token matches: 20%
+    calib.update(score, torch.arange(400) % 10 < 6)  # no source given: the draft model's table, 60%
+    at = torch.zeros(3)
+    got = calib(at, torch.tensor([4, 1, 0])).tolist()
+    assert got == pytest.approx([0.9, 0.2, 0.6], abs=0.03)
+    untouched = float(calib(torch.zeros(1), torch.tensor([5])))
+    assert untouched == pytest.approx(float(Calibration()(torch.zeros(1))))  # still its prior
+
+
+def plan_mixed_tree(mode: str, suffix_acceptance: float) -> list[int]:
+    """One CAST step over a level of two candidates: an LM token (log-prob -0.05) and a draft-free one (log-freq 0,
+    source 4); CAST has learned that the LM's tokens at that score are accepted 50% of the time and the free ones at
+    `suffix_acceptance`. Returns the sources in the order CAST ranked them."""
+    policy = make_policy(f"cast:mode={mode},top_k=2")
+    policy.attach_costs(OnlineCosts(FLAT))
+    policy.calibration.update(torch.full((100,), -0.05), torch.arange(100) % 2 == 0)
+    policy.calibration.update(torch.zeros(100), torch.arange(100) < 100 * suffix_acceptance, torch.full((100,), 4))
+    policy.begin_step(StepContext(batch_size=1, context_len=200, remaining=100))
+    source = torch.tensor([[0, 4]])
+    keep, _ = policy.choose(1, torch.tensor([[-0.05, 0.0]]), source)
+    return source.gather(1, keep)[0].tolist()
+
+
+@pytest.mark.parametrize("mode", ["auto", "paper"])
+def test_mixed_trees_rank_draft_free_nodes_by_their_own_calibration(mode):
+    """The free candidate's raw score (log 1.0) beats the LM's; ranked by calibrated acceptance it must come second
+    when repeats are rarely accepted, and first when they nearly always are (paper mode: a free node's utility is its
+    calibrated acceptance; auto: every node's is)."""
+    assert plan_mixed_tree(mode, suffix_acceptance=0.1)[0] == 0
+    assert plan_mixed_tree(mode, suffix_acceptance=1.0)[0] == 4
+
+
 def test_cost_curve_is_monotone_in_new_tokens():
     """A reading inflated by a busy moment must not make a larger tree look cheaper than a smaller one."""
     from castspec.cost.table import monotone

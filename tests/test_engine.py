@@ -50,7 +50,7 @@ class SometimesEmpty(ChainPolicy):
         super().begin_step(ctx)
         self.step += 1
 
-    def choose(self, level, cand_logscore):
+    def choose(self, level, cand_logscore, cand_source=None):
         if self.step % 2 == 0:
             return torch.zeros_like(cand_logscore[:, :0], dtype=torch.long), 0
         return super().choose(level, cand_logscore)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from castspec.drafters.base import NO_SCORE, NO_TOKEN
+from castspec.drafters.base import NO_SCORE, NO_TOKEN, SOURCE_BOTH, SOURCE_LM, Proposals, suffix_source
 from castspec.drafters.suffix import SuffixDrafter, SuffixIndex
 from castspec.tree import DraftTree
 
@@ -51,13 +51,15 @@ def test_extending_token_by_token_equals_indexing_at_once():
 def test_the_drafter_proposes_per_row_padded_and_follows_tree_paths():
     drafter = SuffixDrafter()
     drafter.add_rows([[7, 1, 2, 3, 4, 9, 1], [5, 6]], torch.tensor([2, 8]), fresh=True)
-    scores, tokens = drafter.start(2)
+    scores, tokens, source = drafter.start(2)
     assert tokens.tolist() == [[[3, NO_TOKEN]], [[NO_TOKEN, NO_TOKEN]]]  # row 1 never repeats itself
     assert scores[0, 0, 0] == 0.0 and bool((scores[1] == NO_SCORE).all())
+    assert source[0, 0, 0] == suffix_source(2)  # found by the 2-token match "1 2"
     tree = DraftTree.empty(torch.tensor([2, 8]))
-    tree.add_level(tokens[:, 0, :1], torch.full((2, 1), -1), scores[:, 0, :1])
-    scores, tokens = drafter.expand(tree, torch.zeros(2, 1, dtype=torch.long), 2)
+    tree.add_level(tokens[:, 0, :1], torch.full((2, 1), -1), scores[:, 0, :1], source[:, 0, :1])
+    scores, tokens, source = drafter.expand(tree, torch.zeros(2, 1, dtype=torch.long), 2)
     assert tokens[0, 0, 0] == 4 and tokens[1, 0, 0] == NO_TOKEN  # row 0 follows "1 2 3" -> 4; padding stays padding
+    assert source[0, 0, 0] == suffix_source(3)  # the path made the match one token longer
 
 
 def test_the_drafter_learns_accepted_tokens_and_keeps_rows():
@@ -78,9 +80,20 @@ def test_the_drafter_learns_accepted_tokens_and_keeps_rows():
 def test_merged_children_keep_each_token_once_with_its_best_score():
     from castspec.drafters.suffix import merge_children
 
-    lm = (torch.tensor([[[-0.1, -1.0, -2.0]]]), torch.tensor([[[5, 6, 7]]]))
-    suffix = (torch.tensor([[[0.0, -0.5, NO_SCORE]]]), torch.tensor([[[6, 5, NO_TOKEN]]]))
-    scores, tokens = merge_children(lm, suffix, 3)
+    lm = Proposals.from_lm(torch.tensor([[[-0.1, -1.0, -2.0]]]), torch.tensor([[[5, 6, 7]]]))
+    suffix = Proposals(torch.tensor([[[0.0, -0.5, NO_SCORE]]]), torch.tensor([[[6, 5, NO_TOKEN]]]),
+                       torch.tensor([[[suffix_source(4), suffix_source(1), suffix_source(1)]]]))
+    scores, tokens, source = merge_children(lm, suffix, 3)
     assert tokens.tolist() == [[[6, 5, 7]]] and scores.tolist() == [[[0.0, pytest.approx(-0.1), -2.0]]]
-    scores, tokens = merge_children(suffix, suffix, 3)  # only padding left to fill: it stays padding, last
+    assert source.tolist() == [[[SOURCE_BOTH, SOURCE_BOTH, SOURCE_LM]]]  # 6 and 5 came from both, 7 from the LM
+    only_suffix = merge_children(Proposals.from_lm(torch.tensor([[[-0.1]]]), torch.tensor([[[9]]])),
+                                 Proposals(suffix.scores[..., :1], suffix.tokens[..., :1], suffix.source[..., :1]), 2)
+    assert only_suffix.tokens.tolist() == [[[6, 9]]]
+    assert only_suffix.source.tolist() == [[[suffix_source(4), SOURCE_LM]]]  # each keeps its own source
+    scores, tokens, _ = merge_children(suffix, suffix, 3)  # only padding left to fill: it stays padding, last
     assert tokens.tolist() == [[[6, 5, NO_TOKEN]]]
+
+
+def test_match_length_bands_are_distinct_sources():
+    assert [suffix_source(n) for n in (1, 2, 3, 4, 7, 8, 20)] == [1, 2, 2, 3, 3, 4, 4]
+    assert len({SOURCE_LM, SOURCE_BOTH, *(suffix_source(n) for n in (1, 2, 4, 8))}) == 6

@@ -73,16 +73,19 @@ def test_cast_counts_no_drafting_time_for_a_free_drafter():
     assert policy.draft_ms == 0.0 and max(policy.draft_w_ms) == 0.0
 
 
-def test_sampling_with_padding_nodes_follows_the_target_law():
+@pytest.mark.parametrize("merged", [False, True], ids=["suffix-only", "merged-with-draft-model"])
+def test_sampling_with_padding_nodes_follows_the_target_law(merged):
     """Chi-square against the exact law of 4 sampled tokens (vocabulary 8), trees from the suffix drafter (padding
-    nodes where a path has fewer continuations than k)."""
+    nodes where a path has fewer continuations than k), alone or merged with a draft model's candidates (a node
+    either source proposed, or both)."""
     from tests.test_sampling import FixedCosts, chi_square_p_value, exact_joint, small_model
 
     model = small_model(0, 3.0)
     prompt = [5, 7, 1, 5, 7, 1, 5, 7]
     config = SamplingConfig(temperature=1.0)
-    gen = SpeculativeGenerator(model, ToyTokenizer(), draft=SuffixDrafter(), policy="eagle2:total_tokens=8,depth=3,"
-                               "top_k=2", costs=FixedCosts(FLAT))
+    draft = small_model(1, 2.0) if merged else SuffixDrafter()
+    gen = SpeculativeGenerator(model, ToyTokenizer(), draft=draft, policy="eagle2:total_tokens=8,depth=3,top_k=2",
+                               costs=FixedCosts(FLAT), suffix=merged)
     gen.eos_ids = set()
     counts: dict[tuple[int, ...], int] = {}
     accepted = 0
@@ -122,3 +125,8 @@ def test_draft_model_and_suffix_candidates_in_one_tree_are_exact(target, policy)
     for prompt, result in zip(PROMPTS, results, strict=True):
         assert result.token_ids == reference_greedy(target, prompt, 20), (policy, prompt)
     assert sum(sum(r.stats.accepted) for r in results) > 0
+    if policy.startswith("cast"):  # verified draft-free nodes taught their own sources' calibration
+        from castspec.policies.cast import Calibration
+
+        learned = gen.policy.calibration.counts - Calibration().counts
+        assert learned[0].sum() > 0 and learned[1:].sum() > 0

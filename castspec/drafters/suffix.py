@@ -9,7 +9,7 @@ the path. It costs microseconds and never a model forward; the target still veri
 like any drafter.
 
 `SuffixDrafter` proposes from it through the drafter interface (`castspec.drafters.base`): target-only
-speculation (`--draft none`). Merging its candidates with an LM draft's in one tree is not built yet (issue 15).
+speculation (`--draft none`). `MixedDrafter` merges its candidates with a draft LM's in one tree (`--suffix`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from castspec.drafters.base import NO_SCORE, NO_TOKEN, Drafter
+from castspec.drafters.base import NO_SCORE, NO_TOKEN, SOURCE_BOTH, Drafter, Proposals, suffix_source
 from castspec.tree import DraftTree
 from castspec.verify import Outcome
 
@@ -91,10 +91,10 @@ class SuffixDrafter(Drafter):
     def keep_rows(self, rows: list[int]) -> None:
         self.rows = [self.rows[i] for i in rows]
 
-    def start(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def start(self, k: int) -> Proposals:
         return self._propose([[[]] for _ in self.rows], k)
 
-    def expand(self, tree: DraftTree, frontier: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def expand(self, tree: DraftTree, frontier: torch.Tensor, k: int) -> Proposals:
         tokens, parents, nodes = tree.tokens.tolist(), tree.parents.tolist(), frontier.tolist()
         paths = []
         for row_tokens, row_parents, row_nodes in zip(tokens, parents, nodes, strict=True):
@@ -108,20 +108,23 @@ class SuffixDrafter(Drafter):
             paths.append(row_paths)
         return self._propose(paths, k)
 
-    def _propose(self, paths: list[list[list[int]]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Children of each row's paths, padded to k: log-scores and tokens [B, F, k] on the tree's device."""
+    def _propose(self, paths: list[list[list[int]]], k: int) -> Proposals:
+        """Children of each row's paths, padded to k, [B, F, k] on the tree's device; the source of each is the
+        band of the match length that found it (`suffix_source`)."""
         width = len(paths[0]) if paths else 0
         scores = torch.full((len(paths), width, k), NO_SCORE)
         tokens = torch.full((len(paths), width, k), NO_TOKEN, dtype=torch.long)
+        source = torch.full((len(paths), width, k), suffix_source(1), dtype=torch.long)
         for b, (index, row_paths) in enumerate(zip(self.rows, paths, strict=True)):
             for f, path in enumerate(row_paths):
                 if path and path[-1] == NO_TOKEN:
                     continue  # a padding node has no continuation
-                found, probs, _ = index.children(path, k)
+                found, probs, matched = index.children(path, k)
                 if found:
                     tokens[b, f, : len(found)] = torch.tensor(found)
                     scores[b, f, : len(found)] = torch.tensor(probs).log()
-        return scores.to(self.device), tokens.to(self.device)
+                    source[b, f] = suffix_source(matched)
+        return Proposals(scores.to(self.device), tokens.to(self.device), source.to(self.device))
 
     def finish_step(self, tree: DraftTree, nodes: torch.Tensor, outcome: Outcome) -> None:
         """The accepted tokens and the bonus token extend each row's index."""
@@ -154,10 +157,10 @@ class MixedDrafter(Drafter):
         self.lm.keep_rows(rows)
         self.suffix.keep_rows(rows)
 
-    def start(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def start(self, k: int) -> Proposals:
         return merge_children(self.lm.start(k), self.suffix.start(k), k)
 
-    def expand(self, tree: DraftTree, frontier: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def expand(self, tree: DraftTree, frontier: torch.Tensor, k: int) -> Proposals:
         return merge_children(self.lm.expand(tree, frontier, k), self.suffix.expand(tree, frontier, k), k)
 
     def finish_step(self, tree: DraftTree, nodes: torch.Tensor, outcome: Outcome) -> None:
@@ -165,16 +168,21 @@ class MixedDrafter(Drafter):
         self.suffix.finish_step(tree, nodes, outcome)
 
 
-def merge_children(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor],
-                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best of two candidate lists [B, F, k] per node, each token once (with its best score); padding last."""
-    scores = torch.cat([first[0], second[0].to(first[0].dtype)], dim=-1)
-    tokens = torch.cat([first[1], second[1]], dim=-1)
+def merge_children(first: Proposals, second: Proposals, k: int) -> Proposals:
+    """The k best of two candidate lists [B, F, k] per node, each token once (with its best score); padding last.
+
+    Each list holds distinct tokens, so a token found twice was proposed by both lists: its source becomes
+    `SOURCE_BOTH` (two independent sources agreeing are accepted more often than either alone)."""
+    scores = torch.cat([first.scores, second.scores.to(first.scores.dtype)], dim=-1)
+    tokens = torch.cat([first.tokens, second.tokens], dim=-1)
+    source = torch.cat([first.source, second.source], dim=-1)
     same = tokens[..., :, None] == tokens[..., None, :]  # [B, F, 2k, 2k]
     better = (scores[..., None, :] > scores[..., :, None]) | (
         (scores[..., None, :] == scores[..., :, None]) & torch.ones_like(same).triu(1).transpose(-1, -2))
-    duplicate = (same & better).any(dim=-1) | (tokens == NO_TOKEN)  # a better copy exists, or padding
+    padding = tokens == NO_TOKEN
+    duplicate = (same & better).any(dim=-1) | padding  # a better copy exists, or padding
+    source = torch.where((same.sum(dim=-1) > 1) & ~padding, SOURCE_BOTH, source)
     scores = torch.where(duplicate, torch.full_like(scores, NO_SCORE), scores)
     tokens = torch.where(duplicate, torch.full_like(tokens, NO_TOKEN), tokens)
     best = scores.topk(k, dim=-1).indices
-    return scores.gather(-1, best), tokens.gather(-1, best)
+    return Proposals(scores.gather(-1, best), tokens.gather(-1, best), source.gather(-1, best))

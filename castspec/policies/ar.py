@@ -18,5 +18,6 @@ class AutoregressivePolicy(TreePolicy):
     def children_per_node(self, level: int) -> int:
         return 1
 
-    def choose(self, level: int, cand_logscore: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def choose(self, level: int, cand_logscore: torch.Tensor,
+               cand_source: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         return cand_logscore[:, :0].long(), 0

@@ -44,6 +44,7 @@ class StepRecord:
     edge_logp: torch.Tensor | None = None  # [B, M] draft log-prob of each verified node given its parent
     parent_accepted: torch.Tensor | None = None  # [B, M] its parent was accepted (or is the root)
     node_accepted: torch.Tensor | None = None  # [B, M] the target accepted it
+    edge_source: torch.Tensor | None = None  # [B, M] who proposed it (`castspec.drafters.base.SOURCE_*`)
 
 
 class TreePolicy(ABC):
@@ -64,11 +65,13 @@ class TreePolicy(ABC):
         """How many of each frontier node's most likely children become candidates at `level` (1-based)."""
 
     @abstractmethod
-    def choose(self, level: int, cand_logscore: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def choose(self, level: int, cand_logscore: torch.Tensor,
+               cand_source: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """Pick the candidates [B, C] that become nodes of `level`.
 
-        Candidate c is child rank c % k of frontier node c // k (k = children_per_node(level)). Returns the kept
-        candidate indices [B, W] and how many of them, taken from the front, form the next frontier (0 stops).
+        Candidate c is child rank c % k of frontier node c // k (k = children_per_node(level)); `cand_source` [B, C]
+        says who proposed each (None: all the draft model). Returns the kept candidate indices [B, W] and how many
+        of them, taken from the front, form the next frontier (0 stops).
         """
 
     def select(self, tree: DraftTree) -> torch.Tensor:

@@ -7,15 +7,19 @@ normalised draft cost passes C1 (Algorithm 1 over u_k = batch-mean cumulative to
 one level deeper only while alpha * u / c >= C2, alpha being the mean of a FIFO (size R, initialised to {1}) of
 layer-to-layer utility ratios; dynamic reranking verifies the m best nodes with Algorithm 1 over the normalised
 target verify cost and C3. Each mechanism can be switched off (`breadth=0`, `depth=0`, `rerank=0`) for the
-ablation; switched off, it falls back to EAGLE-2's fixed `top_k` width / `max_depth` / `verify` budget.
+ablation; switched off, it falls back to EAGLE-2's fixed `top_k` width / `max_depth` / `verify` budget. In a tree
+that merges draft-free candidates (`--suffix`, `--draft none`), such a node has no draft probability: its utility
+is its calibrated acceptance (below).
 Defaults C1=4, C2=3, C3=2.5 are the three thresholds a third-party reading of the paper reports ("4 / 3 / 2.5");
 R=4 is our choice (the paper's value was not recoverable).
 
 `mode=auto` (default) needs no thresholds: it maximises the expected tokens per second of the whole step,
 E[accepted + 1] / (draft time + verify time). A node's acceptance probability is the product, along its path, of
-each edge's calibrated acceptance: the draft's conditional probability of the token mapped through a calibration
-learned online from what the target accepted among nodes whose parent it had accepted (so evidence from shallow
-nodes carries over to deeper ones). Trees grow and are reranked by this value. Each level expands the frontier width
+each edge's calibrated acceptance: the proposal's score given its parent mapped through a calibration learned
+online from what the target accepted among nodes whose parent it had accepted (so evidence from shallow nodes
+carries over to deeper ones). Each source of proposals has its own calibration: the draft model, the text's repeats
+by match length, and tokens both proposed. A draft-free node costs no drafting time but still costs verification,
+so it enters the same rate trade-off. Trees grow and are reranked by this value. Each level expands the frontier width
 that maximises the predicted rate one level ahead (stopping when no width beats stopping now), and verification
 takes the rate-maximising number of best nodes. When speculation stops paying (measured rate below plain
 decoding's), steps fall back to plain decoding and probe again later with growing back-off.
@@ -30,6 +34,7 @@ from typing import Any
 import torch
 
 from castspec.cost.table import OnlineCosts, monotone
+from castspec.drafters.base import NUM_SOURCES, SOURCE_LM
 from castspec.errors import CastspecError
 from castspec.policies.base import StepContext, StepRecord, TreePolicy, on_host, register, to_device, top_nodes_by_score
 from castspec.tree import DraftTree
@@ -51,42 +56,50 @@ def select_max_valid_index(utility: list[float], cost: list[float], threshold: f
 
 
 class Calibration:
-    """Maps a draft token's conditional log-probability to the observed chance that the target accepts it (given
-    its parent was accepted).
+    """Maps a proposal's log-score given its parent to the observed chance that the target accepts it (given its
+    parent was accepted), separately for each source (`castspec.drafters.base.SOURCE_*`): an LM's log-probability
+    and a repeat's log-frequency are different scales, and a long match is a better bet than a short one.
 
-    Buckets over log-probability with a prior pulling each bucket towards the draft's own probability; kept
-    monotone (a likelier path is never predicted less acceptable than a less likely one). Host-side bookkeeping:
-    it takes and returns CPU tensors (the policy reaches it through `on_host`).
+    Buckets over log-score with a prior pulling each bucket towards the score's own probability; kept monotone per
+    source (a likelier proposal is never predicted less acceptable than a less likely one from the same source).
+    Host-side bookkeeping: it takes and returns CPU tensors (the policy reaches it through `on_host`).
     """
 
-    def __init__(self, width: float = 0.25, lowest: float = -10.0, prior_weight: float = 4.0):
+    def __init__(self, width: float = 0.25, lowest: float = -10.0, prior_weight: float = 4.0,
+                 sources: int = NUM_SOURCES):
         self.edges = torch.arange(lowest, 0.0 + 1e-9, width)  # bucket i covers (edges[i-1], edges[i]]
         centers = torch.cat([self.edges[:1] - width / 2, self.edges[1:] - width / 2])
         self.prior = centers.exp()
-        self.hits = self.prior * prior_weight
-        self.counts = torch.full_like(self.prior, prior_weight)
-        self._refresh()
+        self.hits = (self.prior * prior_weight).repeat(sources, 1)
+        self.counts = torch.full_like(self.hits, prior_weight)
+        self.table = torch.empty_like(self.hits)
+        self._refresh(range(sources))
 
-    def _refresh(self) -> None:
-        """Weighted isotonic fit (pool adjacent violators): acceptance non-decreasing in the path probability."""
-        self.table = torch.tensor(monotone((self.hits / self.counts).tolist(), self.counts.tolist()))
+    def _refresh(self, sources) -> None:
+        """Weighted isotonic fit (pool adjacent violators) per source: acceptance non-decreasing in the score."""
+        for s in sources:
+            self.table[s] = torch.tensor(monotone((self.hits[s] / self.counts[s]).tolist(), self.counts[s].tolist()))
 
-    def __call__(self, logscore: torch.Tensor) -> torch.Tensor:
-        index = torch.bucketize(logscore.float().clamp(max=0.0), self.edges).clamp(max=len(self.edges) - 1)
-        return self.table[index]
+    def _bucket(self, logscore: torch.Tensor) -> torch.Tensor:
+        return torch.bucketize(logscore.float().clamp(max=0.0), self.edges).clamp(max=len(self.edges) - 1)
 
-    def log(self, logscore: torch.Tensor) -> torch.Tensor:
-        return torch.log(self(logscore).clamp(min=1e-6))
+    def __call__(self, logscore: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        index = self._bucket(logscore)
+        return self.table[0][index] if source is None else self.table[source, index]
 
-    def update(self, logscore: torch.Tensor, accepted: torch.Tensor) -> None:
+    def log(self, logscore: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.log(self(logscore, source).clamp(min=1e-6))
+
+    def update(self, logscore: torch.Tensor, accepted: torch.Tensor, source: torch.Tensor | None = None) -> None:
         if logscore.numel() == 0:
             return
-        index = torch.bucketize(logscore.float().clamp(max=0.0).flatten(), self.edges)
-        index = index.clamp(max=len(self.edges) - 1)
-        size = len(self.edges)
-        self.counts += torch.bincount(index, minlength=size).float()
-        self.hits += torch.bincount(index, weights=accepted.float().flatten(), minlength=size)
-        self._refresh()
+        index = self._bucket(logscore.flatten())
+        source = torch.zeros_like(index) if source is None else source.flatten().long()
+        size = self.hits.numel()
+        cell = source * self.hits.shape[1] + index
+        self.counts += torch.bincount(cell, minlength=size).float().view_as(self.counts)
+        self.hits += torch.bincount(cell, weights=accepted.float().flatten(), minlength=size).view_as(self.hits)
+        self._refresh(source.unique().tolist())
 
 
 @register
@@ -138,6 +151,8 @@ class CastPolicy(TreePolicy):
         self.node_logacc: list[torch.Tensor] = []  # calibrated log-acceptance of kept nodes, per level [B, W]
         self.frontier_score = torch.zeros(ctx.batch_size, 1)  # draft path log-prob of the frontier (root: 0)
         self.frontier_logacc = torch.zeros(ctx.batch_size, 1)  # calibrated path log-acceptance of the frontier
+        self.frontier_shift = torch.zeros(ctx.batch_size, 1)  # paper: its utility minus its path log-score
+        self.node_utility: list[torch.Tensor] = []  # paper: log-utility of kept nodes, per level [B, W]
         self.widths: list[int] = []  # frontier nodes expanded after each level (0: the last level)
         self.plain = self._take_plain_step()
         self.last_plan = {"plain": self.plain}
@@ -169,26 +184,36 @@ class CastPolicy(TreePolicy):
     def children_per_node(self, level: int) -> int:
         return self.top_k
 
-    def choose(self, level: int, cand_logscore: torch.Tensor) -> tuple[torch.Tensor, int]:
-        kept, expand = on_host(self._choose_on_host, cand_logscore)
+    def choose(self, level: int, cand_logscore: torch.Tensor,
+               cand_source: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        source = torch.full_like(cand_logscore, SOURCE_LM, dtype=torch.long) if cand_source is None else cand_source
+        kept, expand = on_host(self._choose_on_host, cand_logscore, source)
         return to_device(kept, cand_logscore.device), expand
 
-    def _choose_on_host(self, cand_logscore: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _choose_on_host(self, cand_logscore: torch.Tensor, cand_source: torch.Tensor) -> tuple[torch.Tensor, int]:
         """`choose` on the host: the kept candidate indices (CPU) and the next frontier's width."""
         batch, frontier = self.frontier_score.shape
         edge_logp = cand_logscore.view(batch, frontier, -1) - self.frontier_score[:, :, None]
-        cand_logacc = (self.frontier_logacc[:, :, None] + self.calibration.log(edge_logp)).flatten(1)
-        ranking = cand_logscore if self.mode == "paper" else cand_logacc
+        edge_source = cand_source.view(batch, frontier, -1)
+        edge_logacc = self.calibration.log(edge_logp, edge_source)
+        cand_logacc = (self.frontier_logacc[:, :, None] + edge_logacc).flatten(1)
+        # paper: a node's utility is its draft path probability, with each draft-free edge counted at its
+        # calibrated acceptance instead (it has no draft probability); a pure draft-model tree adds exactly 0.
+        edge_shift = torch.where(edge_source == SOURCE_LM, 0.0, edge_logacc - edge_logp)
+        cand_utility = cand_logscore + (self.frontier_shift[:, :, None] + edge_shift).flatten(1)
+        ranking = cand_utility if self.mode == "paper" else cand_logacc
         order = torch.sort(ranking, dim=1, descending=True, stable=True).indices
         if self.mode == "paper":
-            keep, expand = self._choose_paper(cand_logscore.gather(1, order))
+            keep, expand = self._choose_paper(cand_utility.gather(1, order))
         else:
-            keep, expand = self._choose_auto(cand_logacc.gather(1, order), edge_logp)
+            keep, expand = self._choose_auto(cand_logacc.gather(1, order), edge_logp, edge_logacc, edge_source)
         self.widths.append(expand)
         kept = order[:, :keep]
         self.node_logacc.append(cand_logacc.gather(1, kept))
+        self.node_utility.append(cand_utility.gather(1, kept))
         self.frontier_score = cand_logscore.gather(1, kept[:, :expand])
         self.frontier_logacc = cand_logacc.gather(1, kept[:, :expand])
+        self.frontier_shift = (cand_utility - cand_logscore).gather(1, kept[:, :expand])
         self.draft_ms += self.draft_w_ms[expand]
         return kept, expand
 
@@ -209,13 +234,18 @@ class CastPolicy(TreePolicy):
         return width, (width if go_on else 0)
 
     # --- auto mode -------------------------------------------------------------------------------------------
-    def _choose_auto(self, sorted_logacc: torch.Tensor, edge_logp: torch.Tensor) -> tuple[int, int]:
+    def _choose_auto(self, sorted_logacc: torch.Tensor, edge_logp: torch.Tensor, edge_logacc: torch.Tensor,
+                     edge_source: torch.Tensor) -> tuple[int, int]:
         """Keep the best candidates (for verification); expand the width that maximises the predicted rate."""
         keep = min(sorted_logacc.shape[1], self.verify_cap)
         pool = torch.cat(self.node_logacc + [sorted_logacc[:, :keep]], dim=1).exp()
         best_rate, best_width = self._best_rate(pool, self.draft_ms)[0], 0
-        # The next level, predicted: each expanded node's children at the ranks this level's children had.
-        rank_logacc = self.calibration.log(edge_logp.mean(dim=(0, 1)))  # [k]
+        # The next level, predicted: each expanded node's children at the ranks this level's children had (from a
+        # draft model alone: the calibrated mean rank score; from mixed sources: the mean calibrated acceptance).
+        if bool((edge_source == SOURCE_LM).all()):
+            rank_logacc = self.calibration.log(edge_logp.mean(dim=(0, 1)))  # [k]
+        else:
+            rank_logacc = edge_logacc.exp().mean(dim=(0, 1)).clamp(min=1e-6).log()
         for width in range(1, min(keep, self.max_width) + 1):
             predicted = (sorted_logacc[:, :width, None] + rank_logacc[None, None, :]).flatten(1).exp()
             rate = self._best_rate(torch.cat([pool, predicted], dim=1), self.draft_ms + self.draft_w_ms[width])[0]
@@ -235,9 +265,9 @@ class CastPolicy(TreePolicy):
     # --- verification ----------------------------------------------------------------------------------------
     def select(self, tree: DraftTree) -> torch.Tensor:
         if self.mode == "paper":
-            count = on_host(self._rerank_paper, tree.logscore) if self.rerank else min(self.verify_cap, tree.size)
+            count, utility = on_host(self._rerank_paper)
             self.last_plan.update(widths=self.widths, verify=count)
-            return top_nodes_by_score(tree, count)
+            return top_nodes_by_score(tree, count, values=to_device(utility, tree.logscore.device))
         count, logacc = on_host(self._plan_verify)
         return top_nodes_by_score(tree, count, values=to_device(logacc, tree.logscore.device))
 
@@ -251,13 +281,17 @@ class CastPolicy(TreePolicy):
                               predicted_verify_ms=round(float(self.verify_ms[min(count, self.verify_cap)]), 2))
         return count, logacc
 
-    def _rerank_paper(self, logscore: torch.Tensor) -> int:
-        """paper, on the host: the verify count by Algorithm 1 over the nodes' path scores `logscore` [B, N]."""
-        limit = min(logscore.shape[1], self.verify_cap)
-        top = torch.sort(logscore, dim=1, descending=True).values[:, :limit]
+    def _rerank_paper(self) -> tuple[int, torch.Tensor]:
+        """paper, on the host: the verify count (Algorithm 1 over the nodes' utilities when reranking, else the cap)
+        and every node's log-utility (CPU) to rank by, in tree order (levels were appended as kept)."""
+        utility = torch.cat(self.node_utility, dim=1)
+        limit = min(utility.shape[1], self.verify_cap)
+        if not self.rerank:
+            return limit, utility
+        top = torch.sort(utility, dim=1, descending=True).values[:, :limit]
         u = [0.0] + top.exp().cumsum(dim=1).mean(dim=0).tolist()
         c = [1.0] + [self._f("target", k + 1) / self.t_one for k in range(1, limit + 1)]
-        return select_max_valid_index(u, c, self.C3, start=0)
+        return select_max_valid_index(u, c, self.C3, start=0), utility
 
     # --- learning --------------------------------------------------------------------------------------------
     def observe(self, record: StepRecord) -> None:
@@ -265,14 +299,18 @@ class CastPolicy(TreePolicy):
             return
         edges: tuple[torch.Tensor, ...] = ()
         if record.edge_logp is not None and record.edge_logp.numel():
-            edges = (record.edge_logp, record.parent_accepted, record.node_accepted)
+            source = record.edge_source
+            source = torch.full_like(record.edge_logp, SOURCE_LM, dtype=torch.long) if source is None else source
+            edges = (record.edge_logp, record.parent_accepted, record.node_accepted, source)
         on_host(partial(self._learn, record), record.accepted, *edges)
 
     def _learn(self, record: StepRecord, accepted: torch.Tensor, edge_logp: torch.Tensor | None = None,
-               parent_accepted: torch.Tensor | None = None, node_accepted: torch.Tensor | None = None) -> None:
+               parent_accepted: torch.Tensor | None = None, node_accepted: torch.Tensor | None = None,
+               edge_source: torch.Tensor | None = None) -> None:
         """`observe` on the host (CPU copies of the step's tensors): calibration, cost rescaling, measured rate."""
         if edge_logp is not None:
-            self.calibration.update(edge_logp[parent_accepted], node_accepted[parent_accepted])
+            judged = parent_accepted
+            self.calibration.update(edge_logp[judged], node_accepted[judged], edge_source[judged])
         predicted_verify = float(self.verify_ms[min(record.verified, self.verify_cap)])
         self.costs.observe("target", predicted_verify, record.verify_s * 1000)
         if record.tree_size and not self.ctx.draft_free:

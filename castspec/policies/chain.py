@@ -23,7 +23,8 @@ class ChainPolicy(TreePolicy):
     def children_per_node(self, level: int) -> int:
         return 1
 
-    def choose(self, level: int, cand_logscore: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def choose(self, level: int, cand_logscore: torch.Tensor,
+               cand_source: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         return torch.zeros_like(cand_logscore[:, :1], dtype=torch.long), 1
 
     def describe(self) -> dict:

@@ -31,7 +31,8 @@ class Eagle2Policy(TreePolicy):
     def children_per_node(self, level: int) -> int:
         return self.top_k
 
-    def choose(self, level: int, cand_logscore: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def choose(self, level: int, cand_logscore: torch.Tensor,
+               cand_source: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         order = torch.sort(cand_logscore, dim=1, descending=True, stable=True).indices
         return order, min(self.top_k, order.shape[1])
 

@@ -48,7 +48,8 @@ class StaticTreePolicy(TreePolicy):
     def children_per_node(self, level: int) -> int:
         return self._levels[level - 1][2]
 
-    def choose(self, level: int, cand_logscore: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def choose(self, level: int, cand_logscore: torch.Tensor,
+               cand_source: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         picks, expand, _ = self._levels[level - 1]
         return to_device(picks, cand_logscore.device).expand(cand_logscore.shape[0], -1), expand
 
