@@ -56,7 +56,8 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
                    policy: TreePolicy | str = DEFAULT_POLICY, device: str = "cpu", fast_kernels: bool = True,
                    draft_quant: str = "int8", cost_table: str | None = None,
                    max_batch_size: int = 1, target_dtype: str = "fp32",
-                   draft_vocab: int | None = None, suffix: bool = False) -> SpeculativeGenerator:
+                   draft_vocab: int | None = None, suffix: bool = False,
+                   draft_window: int = 0) -> SpeculativeGenerator:
     """Load models and build a `SpeculativeGenerator`.
 
     On CPU, `fast_kernels` runs every fp32 linear of both models on oneDNN with pre-packed weights (the `ar`
@@ -73,7 +74,8 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
     output equals *its own* plain decoding, see `castspec.models.formats`).
 
     `suffix` (with a draft model): each node's candidates also include what followed the same text earlier in the
-    prompt or output (`castspec.drafters.suffix.MixedDrafter`); lossless like any draft.
+    prompt or output (`castspec.drafters.suffix.MixedDrafter`); lossless like any draft. `draft_window` N > 0: the
+    draft model is prefilled on each prompt's last N tokens only (long prompts cost the draft far less).
 
     `draft="auto"`: the default draft if it has the target's tokenizer, else none. `draft="none"`: speculate without
     a draft model; candidates come from repeats in the prompt and the output so
@@ -127,7 +129,8 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
         table = load_or_profile(models, path=cost_table, max_batch_size=max_batch_size)
         costs = OnlineCosts(table)
     drafter = SuffixDrafter(target_model.device) if target_only and policy.uses_draft else draft_model
-    return SpeculativeGenerator(target_model, tokenizer, draft=drafter, policy=policy, costs=costs, suffix=suffix)
+    return SpeculativeGenerator(target_model, tokenizer, draft=drafter, policy=policy, costs=costs, suffix=suffix,
+                                draft_window=draft_window)
 
 
 def resolve_draft_vocab(draft_vocab: int | None) -> int:

@@ -229,6 +229,9 @@ def _model_arguments(parser: argparse.ArgumentParser, target: str, draft: str) -
     parser.add_argument("--suffix", action="store_true",
                         help="with a draft model: also propose repeats of the prompt and output as candidates, "
                              "merged into the same tree (lossless; helps copy-heavy text)")
+    parser.add_argument("--draft-window", type=_non_negative_int, default=0, metavar="N",
+                        help="prefill the draft model on each prompt's last N tokens only (0: the whole prompt); "
+                             "long prompts then cost the draft far less; lossless")
     parser.add_argument("--target-dtype", choices=["fp32", "int8"], default="fp32",
                         help="the target's format: fp32 (the packaged weights, dequantized) or int8 (CPU: per-channel "
                              "weights, per-row activations; output is exactly int8 plain decoding's, not fp32's)")
@@ -339,6 +342,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suffix:
         raise CastspecError("bench: name the methods that should merge suffix candidates POLICY+suffix "
                             "(e.g. --methods ar,cast,cast+suffix) instead of --suffix")
+    if args.draft_window:
+        raise CastspecError("bench: name the methods that should read a window of the prompt METHOD@window=N "
+                            "(e.g. --methods ar,cast,cast@window=256) instead of --draft-window")
     methods = _bench_methods(args.methods)
     batch_sizes = _int_list(args.batch_size, "--batch-size")
     _sampling(args)  # validate before loading prompts or models
@@ -375,7 +381,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_methods(text: str) -> list[str]:
     """The --methods list, each policy spec checked now (a typo should not wait for the models to load)."""
-    from castspec.bench.runner import is_policy, mixed_policy, suffix_policy
+    from castspec.bench.runner import is_policy, policy_spec
     from castspec.policies import make_policy
 
     methods = [m.strip().replace("/", ",") for m in text.split(",") if m.strip()]
@@ -383,7 +389,7 @@ def _bench_methods(text: str) -> list[str]:
         raise CastspecError("--methods is empty; e.g. --methods ar,hf,cast")
     for method in methods:
         if is_policy(method):
-            make_policy(suffix_policy(method) or mixed_policy(method) or method)
+            make_policy(policy_spec(method))
     return methods
 
 
@@ -448,7 +454,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
                          target_dtype=args.target_dtype, cost_table=args.cost_table,
                          max_batch_size=min(args.batch_size, len(prompts)), draft_vocab=args.draft_vocab,
-                         suffix=args.suffix)
+                         suffix=args.suffix, draft_window=args.draft_window)
     if args.batch_size > 1:
         return _generate_batches(args, gen, prompts)
     gen.generate(prompt, max_new_tokens=2, chat=args.chat)  # warm-up: first-call allocations are not speed
@@ -491,7 +497,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     gen = load_generator(args.target, args.draft if policy.uses_draft else None, policy, device=args.device,
                          fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
                          target_dtype=args.target_dtype, cost_table=args.cost_table,
-                         max_batch_size=args.max_batch_size, draft_vocab=args.draft_vocab, suffix=args.suffix)
+                         max_batch_size=args.max_batch_size, draft_vocab=args.draft_vocab, suffix=args.suffix,
+                         draft_window=args.draft_window)
     gen.generate(gen.encode("Hello"), max_new_tokens=2)  # warm-up: first-call allocations are not a request's time
     serve(gen, args.target, args.host, args.port, args.max_batch_size, args.max_queue, args.shutdown_timeout)
     return 0

@@ -5,6 +5,11 @@ not seen yet, ending with the new root — which gives the distribution of the r
 feeds the frontier nodes in one forward, each attending to the prefix and its own ancestors. After verification
 it keeps the cache entries of the accepted nodes it did feed; the rest become the next step's pending tokens.
 
+With a `window` the draft is prefilled on each prompt's last `window` tokens only: a long prompt (RAG, summarisation)
+then costs the draft a fraction of its prefill, and the draft still sees the recent text its proposals depend on
+most. Lossless like everything a draft does (the target decides every token); the draft simply numbers its positions
+from the window's start.
+
 A draft may propose from part of the vocabulary only (`castspec.models.draft_head`): its log-probabilities then have
 one column per kept token, and `token_ids` maps column indices to token ids.
 """
@@ -21,8 +26,9 @@ from castspec.verify import Outcome
 
 
 class DraftLM(Drafter):
-    def __init__(self, runner: CausalLMRunner):
+    def __init__(self, runner: CausalLMRunner, window: int = 0):
         self.runner = runner
+        self.window = window  # > 0: prefill on each prompt's last `window` tokens only
         self.vocab_ids = draft_vocab_ids(runner.model)  # column -> token id, or None: column j is token j
         self._vocab_size = draft_vocab_size(runner.model)  # columns of the log-probabilities: tokens it can propose
 
@@ -34,8 +40,12 @@ class DraftLM(Drafter):
         """Token ids of columns of `start`'s / `expand`'s log-probabilities (the same tensor for a full head)."""
         return columns if self.vocab_ids is None else self.vocab_ids[columns]
 
+    def seen_part(self, prompts: list[list[int]]) -> list[list[int]]:
+        """What of each prompt the draft is prefilled on (all of it, or its last `window` tokens)."""
+        return [list(p[-self.window:]) for p in prompts] if self.window > 0 else prompts
+
     def prefill(self, prompts: list[list[int]], first_token: torch.Tensor, budget: int = 0) -> None:
-        self.runner.prefill(prompts, budget)
+        self.runner.prefill(self.seen_part(prompts), budget)
         self.pending = first_token[:, None]
         self.pending_valid = torch.ones_like(self.pending, dtype=torch.bool)
         self.started = False
@@ -45,7 +55,7 @@ class DraftLM(Drafter):
         """New sequences join after the live ones (between steps): prefill them; their first token waits."""
         if fresh:
             return self.prefill(prompts, first_token, budget)
-        self.runner.add_rows(prompts, budget)
+        self.runner.add_rows(self.seen_part(prompts), budget)
         width = self.pending.shape[1]
         new = torch.zeros(first_token.shape[0], width, dtype=self.pending.dtype, device=self.pending.device)
         new[:, -1] = first_token

@@ -151,13 +151,16 @@ class SpeculativeGenerator:
     """Generate with a target model, optionally sped up by a draft model and a tree policy."""
 
     def __init__(self, target, tokenizer, draft: Any = None, policy: TreePolicy | str = "ar",
-                 costs: OnlineCosts | None = None, suffix: bool = False):
+                 costs: OnlineCosts | None = None, suffix: bool = False, draft_window: int = 0):
         """`draft`: a draft model (a causal LM with the target's vocabulary), a `Drafter` (e.g. `SuffixDrafter()`:
         speculation without a draft model), or None (plain decoding only). `suffix` with a draft model: merge its
-        candidates with repeats of the prompt and output (`castspec.drafters.suffix.MixedDrafter`)."""
+        candidates with repeats of the prompt and output (`castspec.drafters.suffix.MixedDrafter`).
+        `draft_window` > 0: the draft model reads only each prompt's last `draft_window` tokens (cheaper prefill)."""
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         if self.policy.uses_draft and draft is None:
             raise CastspecError(f"policy '{self.policy.name}' needs a draft model (--draft)")
+        if isinstance(draft_window, bool) or not isinstance(draft_window, int) or draft_window < 0:
+            raise CastspecError(f"draft_window must be a whole number >= 0 (0: the whole prompt), got {draft_window!r}")
         if getattr(self.policy, "needs_costs", False):
             if costs is None:
                 raise CastspecError(f"policy '{self.policy.name}' needs a cost table; use load_generator(), which "
@@ -171,7 +174,7 @@ class SpeculativeGenerator:
             self.drafter = draft if self.policy.uses_draft else None
         elif draft is not None and self.policy.uses_draft:
             check_same_vocabulary(target, draft)
-            self.drafter = DraftLM(CausalLMRunner(draft, canonical=False))
+            self.drafter = DraftLM(CausalLMRunner(draft, canonical=False), window=draft_window)
             if suffix:
                 self.drafter = MixedDrafter(self.drafter, SuffixDrafter(target.device))
         self.vocab_size = target.get_input_embeddings().weight.shape[0]  # valid token ids: 0 .. vocab_size - 1

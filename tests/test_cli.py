@@ -221,11 +221,12 @@ def test_auto_draft_is_the_default_draft_or_none(pair, capsys, monkeypatch):
 
 def test_generate_with_suffix_candidates_equals_ar(pair, capsys):
     target, draft, _ = pair
-    code, out, err = run(capsys, "generate", "--target", target, "--draft", draft, "--suffix", "--policy",
-                         "chain:gamma=3", "--prompt", "hello hello hello", "--max-new-tokens", "10", "--json",
-                         "--compare")
-    assert code == 0, err
-    assert json.loads(out)["ar"]["identical"] is True
+    for window in ("0", "3"):
+        code, out, err = run(capsys, "generate", "--target", target, "--draft", draft, "--suffix", "--policy",
+                             "chain:gamma=3", "--prompt", "hello hello hello", "--max-new-tokens", "10", "--json",
+                             "--compare", "--draft-window", window)
+        assert code == 0, err
+        assert json.loads(out)["ar"]["identical"] is True
     code, _, err = run(capsys, "bench", "--target", target, "--draft", draft, "--suffix")
     assert code == 2 and "cast+suffix" in err
 
@@ -238,13 +239,20 @@ def test_bench_target_only_methods(pair, capsys, tmp_path, monkeypatch):
     questions = _spec_bench_file(tmp_path / "question.jsonl")
     out = tmp_path / "out"
     code, _, err = run(capsys, "bench", "--target", target, "--draft", draft, "--dataset", f"spec-bench:{questions}:qa",
-                       "--num-prompts", "2", "--methods", "ar,hf-pld,suffix,suffix:chain:gamma=3,cast+suffix",
+                       "--num-prompts", "2", "--methods",
+                       "ar,hf-pld,suffix,suffix:chain:gamma=3,cast+suffix,cast+suffix@window=4",
                        "--max-new-tokens", "6", "--out", str(out))
     assert code == 0, err
     summary = json.loads((out / "results.json").read_text())["by_batch_size"]["1"]["summary"]
-    assert set(summary) == {"ar", "hf-pld", "suffix", "suffix:chain:gamma=3", "cast+suffix"}
-    for method in ("suffix", "suffix:chain:gamma=3", "cast+suffix"):
+    windowed = ("suffix", "suffix:chain:gamma=3", "cast+suffix", "cast+suffix@window=4")
+    assert set(summary) == {"ar", "hf-pld", *windowed}
+    for method in windowed:
         assert summary[method]["failed"] == [] and summary[method]["identical_to_ar"] == 1.0, method
+    for bad in ("cast@window=0", "cast@window=x"):
+        code, _, err = run(capsys, "bench", "--target", target, "--methods", f"ar,{bad}")
+        assert code == 2 and "@window=N" in err and err.count("\n") == 1, err
+    code, _, err = run(capsys, "bench", "--target", target, "--draft-window", "8")
+    assert code == 2 and "cast@window=256" in err
 
 
 def test_bench_tasks_batches_and_resume(pair, capsys, tmp_path):

@@ -103,3 +103,33 @@ def test_batch_stats_count_every_step_until_the_last_row_finishes():
     assert batch.new_tokens == len(results[0].token_ids) + len(results[1].token_ids)
     assert first.wall_s < second.wall_s <= batch.wall_s
     assert first.tokens_per_s == len(results[0].token_ids) / first.wall_s
+
+
+def test_a_draft_window_prefills_the_draft_on_the_prompts_tail_and_stays_exact():
+    """`draft_window=3`: the draft reads each prompt's last 3 tokens (its cache = window + output so far, keys equal
+    the draft run on exactly that text), in a batch with prompts shorter and longer than the window; the target's
+    output is unchanged."""
+    target, draft = pair()
+    prompts = [PROMPT, [9, 4], [40, 41, 42, 43, 44, 45, 46, 47]]
+    gen = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy="chain:gamma=3", draft_window=3)
+    results = gen.generate_batch(prompts, max_new_tokens=12)
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result.token_ids == reference_greedy(target, prompt, 12)
+    gen.generate(PROMPT, max_new_tokens=12)
+    seen = PROMPT[-3:] + reference_greedy(target, PROMPT, 12)
+    length = int(gen.drafter.runner.cache.length[0])
+    assert 3 < length < len(seen)
+    with torch.no_grad():
+        reference = draft(torch.tensor([seen[:length]]), use_cache=True).past_key_values
+    torch.testing.assert_close(gen.drafter.runner.cache.kv[0, 0, 0, :, :length], reference.layers[0].keys[0])
+
+
+def test_a_draft_window_must_be_a_whole_number():
+    import pytest
+
+    from castspec.errors import CastspecError
+
+    target, draft = pair()
+    for bad in (-1, 2.5, True):
+        with pytest.raises(CastspecError, match="draft_window"):
+            SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy="chain", draft_window=bad)

@@ -5,7 +5,8 @@ Methods: `ar` (our loop, plain decoding, same fast kernels as every speculative 
 `generate(assistant_model=draft)`, batch 1 only in transformers), `hf-pld` (stock `generate` with prompt lookup,
 `prompt_lookup_num_tokens=10`, batch 1 only), `suffix` / `suffix:POLICY` (castspec without a draft model: CAST, or
 POLICY, over trees from the suffix drafter), `POLICY+suffix` (e.g. `cast+suffix`: the draft model's candidates and
-the suffix drafter's merged in one tree), `llama.cpp` and `llama.cpp-spec:n=N` (llama.cpp's
+the suffix drafter's merged in one tree), `METHOD@window=N` (METHOD with the draft model prefilled on each prompt's
+last N tokens only, e.g. `cast+suffix@window=256`), `llama.cpp` and `llama.cpp-spec:n=N` (llama.cpp's
 plain greedy and speculative decoding of the GGUF files, batch 1 only; optional, see `castspec/bench/llamacpp.py`)
 and any tree policy spec
 (`chain:gamma=4`, `static`, `eagle2:total_tokens=16`). Prompts are grouped into batches of each requested batch
@@ -46,15 +47,33 @@ PLD_TOKENS = 10  # hf-pld: stock generate(prompt_lookup_num_tokens=10), the prom
 
 
 MIXED = "+suffix"  # `POLICY+suffix`: POLICY over trees merging the draft model's candidates with the suffix drafter's
+WINDOW = "@window="  # `METHOD@window=N`: METHOD with the draft model prefilled on each prompt's last N tokens only
+
+
+def split_window(method: str) -> tuple[str, int]:
+    """A method without its `@window=N` suffix, and N (0: the draft model reads the whole prompt)."""
+    base, marker, value = method.partition(WINDOW)
+    if not marker:
+        return method, 0
+    if not value.isdigit() or int(value) < 1:
+        raise CastspecError(f"bad method '{method}': {WINDOW}N needs a whole number N >= 1 (tokens of the prompt)")
+    return base, int(value)
 
 
 def mixed_policy(method: str) -> str | None:
     """The policy spec of a `POLICY+suffix` method (draft model and suffix candidates in one tree), else None."""
+    method = split_window(method)[0]
     return method[: -len(MIXED)] if method.endswith(MIXED) and len(method) > len(MIXED) else None
+
+
+def policy_spec(method: str) -> str:
+    """The tree policy a castspec method runs (`cast` for `suffix`, `cast` for `cast+suffix@window=256`, ...)."""
+    return suffix_policy(method) or mixed_policy(method) or split_window(method)[0]
 
 
 def suffix_policy(method: str) -> str | None:
     """The policy spec of a `suffix[:POLICY]` method (target-only speculation), else None."""
+    method = split_window(method)[0]
     if method == SUFFIX:
         return "cast"
     if method.startswith(SUFFIX + ":"):
@@ -188,11 +207,11 @@ class MethodRunner:
         self.busy_at_start = None
         for method in config.methods:
             if is_policy(method):
-                make_policy(suffix_policy(method) or mixed_policy(method) or method)  # fail early on a bad name
+                make_policy(policy_spec(method))  # fail early on a bad name
         require_llamacpp(config.methods)
         check_llamacpp_settings(config.methods, config.temperature)
         needs_draft = any(m == "hf-assisted" or (is_policy(m) and suffix_policy(m) is None
-                                                 and make_policy(mixed_policy(m) or m).uses_draft)
+                                                 and make_policy(policy_spec(m)).uses_draft)
                           for m in config.methods)
         base = load_generator(config.target, config.draft if needs_draft else None,
                               "chain" if needs_draft else "ar", device=config.device, draft_quant=config.draft_quant,
@@ -201,7 +220,7 @@ class MethodRunner:
         self.target_model = base.target.model
         self.draft_model = base.drafter.runner.model if hasattr(base.drafter, "runner") else None
         self.eos_ids = _eos_ids(self.target_model, self.tokenizer)
-        policies = {m: make_policy(suffix_policy(m) or mixed_policy(m) or m) for m in config.methods if is_policy(m)}
+        policies = {m: make_policy(policy_spec(m)) for m in config.methods if is_policy(m)}
         no_draft = config.draft is None or config.draft.strip().lower() == "none"  # speculate on the text alone
         table = None
         if any(getattr(p, "needs_costs", False) for p in policies.values()):
@@ -213,7 +232,8 @@ class MethodRunner:
             m: SpeculativeGenerator(self.target_model, self.tokenizer,
                                     SuffixDrafter(self.target_model.device) if suffix_policy(m) or no_draft
                                     else self.draft_model,
-                                    p, costs=OnlineCosts(table) if table else None, suffix=bool(mixed_policy(m)))
+                                    p, costs=OnlineCosts(table) if table else None, suffix=bool(mixed_policy(m)),
+                                    draft_window=split_window(m)[1])
             for m, p in policies.items()}
         self.stock_target = self.stock_draft = None
         if any(m in HF_METHODS for m in config.methods):
