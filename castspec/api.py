@@ -57,7 +57,7 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
                    draft_quant: str = "int8", cost_table: str | None = None,
                    max_batch_size: int = 1, target_dtype: str = "fp32",
                    draft_vocab: int | None = None, suffix: bool = False,
-                   draft_window: int = 0) -> SpeculativeGenerator:
+                   draft_window: int = 0, suffix_cache: int = 0, lazy_draft: bool = False) -> SpeculativeGenerator:
     """Load models and build a `SpeculativeGenerator`.
 
     On CPU, `fast_kernels` runs every fp32 linear of both models on oneDNN with pre-packed weights (the `ar`
@@ -76,6 +76,10 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
     `suffix` (with a draft model): each node's candidates also include what followed the same text earlier in the
     prompt or output (`castspec.drafters.suffix.MixedDrafter`); lossless like any draft. `draft_window` N > 0: the
     draft model is prefilled on each prompt's last N tokens only (long prompts cost the draft far less).
+    `suffix_cache` N > 0 (with `suffix` or `draft="none"`): repeats are also looked up in the outputs of the last N
+    sequences this generator finished (useful to a server whose requests resemble each other). `lazy_draft` (with a
+    draft model): speculate from repeats first and prefill the draft model only once it has earned its prefill
+    (`castspec.drafters.lazy`: long prompts with short or copy-heavy answers then skip the draft's prefill).
 
     `draft="auto"`: the default draft if it has the target's tokenizer, else none. `draft="none"`: speculate without
     a draft model; candidates come from repeats in the prompt and the output so
@@ -128,9 +132,11 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
         models = {"target": target_model, "draft": draft_model} if draft_model is not None else {"target": target_model}
         table = load_or_profile(models, path=cost_table, max_batch_size=max_batch_size)
         costs = OnlineCosts(table)
-    drafter = SuffixDrafter(target_model.device) if target_only and policy.uses_draft else draft_model
+    drafter = draft_model
+    if target_only and policy.uses_draft:
+        drafter = SuffixDrafter(target_model.device, cache_size=suffix_cache)
     return SpeculativeGenerator(target_model, tokenizer, draft=drafter, policy=policy, costs=costs, suffix=suffix,
-                                draft_window=draft_window)
+                                draft_window=draft_window, suffix_cache=suffix_cache, lazy_draft=lazy_draft)
 
 
 def resolve_draft_vocab(draft_vocab: int | None) -> int:

@@ -229,6 +229,13 @@ def _model_arguments(parser: argparse.ArgumentParser, target: str, draft: str) -
     parser.add_argument("--suffix", action="store_true",
                         help="with a draft model: also propose repeats of the prompt and output as candidates, "
                              "merged into the same tree (lossless; helps copy-heavy text)")
+    parser.add_argument("--lazy-draft", action="store_true",
+                        help="speculate from repeats of the prompt and output first; prefill the draft model only "
+                             "once the steps it could have shortened have cost as much as its prefill (long prompts "
+                             "with short or copy-heavy answers skip it); lossless")
+    parser.add_argument("--suffix-cache", type=_non_negative_int, default=0, metavar="N",
+                        help="with --suffix or --draft none: also copy repeats from the outputs of the last N "
+                             "finished sequences (requests that resemble each other; 0: off)")
     parser.add_argument("--draft-window", type=_non_negative_int, default=0, metavar="N",
                         help="prefill the draft model on each prompt's last N tokens only (0: the whole prompt); "
                              "long prompts then cost the draft far less; lossless")
@@ -342,6 +349,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suffix:
         raise CastspecError("bench: name the methods that should merge suffix candidates POLICY+suffix "
                             "(e.g. --methods ar,cast,cast+suffix) instead of --suffix")
+    if args.lazy_draft:
+        raise CastspecError("bench: name the methods that should buy the draft lazily POLICY+lazy "
+                            "(e.g. --methods ar,cast,cast+lazy) instead of --lazy-draft")
+    if args.suffix_cache:
+        raise CastspecError("bench: --suffix-cache is for generate and serve (a bench compares methods on prompts "
+                            "measured independently)")
     if args.draft_window:
         raise CastspecError("bench: name the methods that should read a window of the prompt METHOD@window=N "
                             "(e.g. --methods ar,cast,cast@window=256) instead of --draft-window")
@@ -454,7 +467,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
                          target_dtype=args.target_dtype, cost_table=args.cost_table,
                          max_batch_size=min(args.batch_size, len(prompts)), draft_vocab=args.draft_vocab,
-                         suffix=args.suffix, draft_window=args.draft_window)
+                         suffix=args.suffix, draft_window=args.draft_window, suffix_cache=args.suffix_cache,
+                         lazy_draft=args.lazy_draft)
     if args.batch_size > 1:
         return _generate_batches(args, gen, prompts)
     gen.generate(prompt, max_new_tokens=2, chat=args.chat)  # warm-up: first-call allocations are not speed
@@ -498,7 +512,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
                          target_dtype=args.target_dtype, cost_table=args.cost_table,
                          max_batch_size=args.max_batch_size, draft_vocab=args.draft_vocab, suffix=args.suffix,
-                         draft_window=args.draft_window)
+                         draft_window=args.draft_window, suffix_cache=args.suffix_cache, lazy_draft=args.lazy_draft)
     gen.generate(gen.encode("Hello"), max_new_tokens=2)  # warm-up: first-call allocations are not a request's time
     serve(gen, args.target, args.host, args.port, args.max_batch_size, args.max_queue, args.shutdown_timeout)
     return 0

@@ -22,6 +22,7 @@ import torch
 from castspec.cost.table import OnlineCosts
 from castspec.draft import DraftLM
 from castspec.drafters.base import Drafter
+from castspec.drafters.lazy import LazyDraft
 from castspec.drafters.suffix import MixedDrafter, SuffixDrafter
 from castspec.errors import CastspecError
 from castspec.models.runner import CausalLMRunner
@@ -151,16 +152,21 @@ class SpeculativeGenerator:
     """Generate with a target model, optionally sped up by a draft model and a tree policy."""
 
     def __init__(self, target, tokenizer, draft: Any = None, policy: TreePolicy | str = "ar",
-                 costs: OnlineCosts | None = None, suffix: bool = False, draft_window: int = 0):
+                 costs: OnlineCosts | None = None, suffix: bool = False, draft_window: int = 0,
+                 suffix_cache: int = 0, lazy_draft: bool = False):
         """`draft`: a draft model (a causal LM with the target's vocabulary), a `Drafter` (e.g. `SuffixDrafter()`:
         speculation without a draft model), or None (plain decoding only). `suffix` with a draft model: merge its
         candidates with repeats of the prompt and output (`castspec.drafters.suffix.MixedDrafter`).
-        `draft_window` > 0: the draft model reads only each prompt's last `draft_window` tokens (cheaper prefill)."""
+        `draft_window` > 0: the draft model reads only each prompt's last `draft_window` tokens (cheaper prefill).
+        `suffix_cache` N > 0 (with `suffix`): repeats are also looked up in the outputs of the last N finished
+        sequences (`castspec.drafters.suffix.SuffixCache`). `lazy_draft` with a draft model: speculate from repeats
+        first and prefill the draft model only once it has earned its prefill (`castspec.drafters.lazy`)."""
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         if self.policy.uses_draft and draft is None:
             raise CastspecError(f"policy '{self.policy.name}' needs a draft model (--draft)")
-        if isinstance(draft_window, bool) or not isinstance(draft_window, int) or draft_window < 0:
-            raise CastspecError(f"draft_window must be a whole number >= 0 (0: the whole prompt), got {draft_window!r}")
+        for name, value in (("draft_window", draft_window), ("suffix_cache", suffix_cache)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CastspecError(f"{name} must be a whole number >= 0 (0: off), got {value!r}")
         if getattr(self.policy, "needs_costs", False):
             if costs is None:
                 raise CastspecError(f"policy '{self.policy.name}' needs a cost table; use load_generator(), which "
@@ -174,12 +180,21 @@ class SpeculativeGenerator:
             self.drafter = draft if self.policy.uses_draft else None
         elif draft is not None and self.policy.uses_draft:
             check_same_vocabulary(target, draft)
-            self.drafter = DraftLM(CausalLMRunner(draft, canonical=False), window=draft_window)
-            if suffix:
-                self.drafter = MixedDrafter(self.drafter, SuffixDrafter(target.device))
+            lm = DraftLM(CausalLMRunner(draft, canonical=False), window=draft_window)
+            repeats = SuffixDrafter(target.device, cache_size=suffix_cache)
+            self.drafter = LazyDraft(lm, repeats, self._draft_prefill_ms) if lazy_draft else \
+                MixedDrafter(lm, repeats) if suffix else lm
         self.vocab_size = target.get_input_embeddings().weight.shape[0]  # valid token ids: 0 .. vocab_size - 1
         check_children_fit(self.policy, self.drafter.vocab_size if self.drafter is not None else self.vocab_size)
         self.eos_ids = _eos_ids(target, tokenizer)
+
+    def _draft_prefill_ms(self, rows: int, tokens: int) -> float:
+        """The draft model's predicted prefill time over `rows` contexts of `tokens` tokens, from its measured
+        per-token cost at the widest profiled block (0 without a cost table: then a lazy draft is bought at once)."""
+        if self.costs is None or "draft" not in self.costs.table.ms:
+            return 0.0
+        widest = max(self.costs.table.tokens)
+        return self.costs.time_ms("draft", 1, tokens, widest) / widest * rows * tokens
 
     # --- public API ----------------------------------------------------------------------------------------
     def generate(self, prompt: str | list[int] | torch.Tensor, max_new_tokens: int = 128, chat: bool = False,
@@ -376,6 +391,10 @@ class SpeculativeGenerator:
         """One speculative step for the live batch: draft, verify in one target forward, commit the accepted path.
 
         Returns each live row's accepted tokens (drafted ones that the target agreed with, then its own token)."""
+        if state.drafter is not None:  # e.g. a lazy draft model's prefill: prefill time, not the step's
+            t_pre = time.perf_counter()
+            state.drafter.between_steps()
+            self._count_prefill(state, time.perf_counter() - t_pre)
         ctx = StepContext(batch_size=len(state.rows), context_len=self.target.cache.max_length,
                           remaining=max(state.budget[row] - state.produced[row] for row in state.rows),
                           draft_free=state.drafter is not None and state.drafter.free)
@@ -412,6 +431,12 @@ class SpeculativeGenerator:
                                  "verify_ms": round(1000 * (t2 - t1), 2)})
         new_tokens = outcome.new_tokens.tolist()
         return [new_tokens[i][: n_accepted[i] + 1] for i in range(len(state.rows))]
+
+    @staticmethod
+    def _count_prefill(state: BatchState, seconds: float) -> None:
+        state.batch_stats.prefill_s += seconds
+        for row in state.rows:
+            state.stats[row].prefill_s += seconds
 
     def _verify(self, vtree, state: BatchState):
         """The target's one forward over root + verified nodes; its cache keeps exactly the accepted path."""

@@ -97,3 +97,37 @@ def test_merged_children_keep_each_token_once_with_its_best_score():
 def test_match_length_bands_are_distinct_sources():
     assert [suffix_source(n) for n in (1, 2, 3, 4, 7, 8, 20)] == [1, 2, 2, 3, 3, 4, 4]
     assert len({SOURCE_LM, SOURCE_BOTH, *(suffix_source(n) for n in (1, 2, 4, 8))}) == 6
+
+
+def test_the_cache_copies_from_earlier_outputs_and_forgets_the_oldest():
+    from castspec.drafters.suffix import SEPARATOR
+
+    drafter = SuffixDrafter(cache_size=2)
+    drafter.add_rows([[1, 2]], torch.tensor([50]), fresh=True)
+    drafter.rows[0].extend([51, 52, 53])  # its output: 50 51 52 53
+    drafter.keep_rows([])  # it finished
+    drafter.add_rows([[7, 8, 50]], torch.tensor([51]), fresh=True)  # never repeats itself, but an earlier answer
+    assert drafter.start(2).tokens.tolist() == [[[52, NO_TOKEN]]]
+    assert drafter.cache.index.tokens == [50, 51, 52, 53, SEPARATOR]
+    drafter.rows[0].extend([60])
+    drafter.add_rows([[9]], torch.tensor([9]), fresh=True)  # a fresh batch: the last rows' outputs join too
+    assert drafter.cache.outputs == [[50, 51, 52, 53], [51, 60]]
+    assert drafter.cache.index.continuations([53], 2) == ([], [], 0)  # 53 ended an output: nothing follows
+    drafter.rows[0].extend([70])
+    drafter.keep_rows([])
+    assert drafter.cache.outputs == [[51, 60], [9, 70]]  # size 2: the oldest is gone
+    assert drafter.cache.index.continuations([50, 51], 2) == ([60], [1.0], 1)
+
+
+def test_target_only_speculation_with_a_cache_copies_an_earlier_answer_and_stays_exact():
+    from castspec.engine import SpeculativeGenerator
+    from tests.conftest import ToyTokenizer, reference_greedy, tiny_model
+
+    model = tiny_model("qwen2", seed=3, sharpen=30.0)
+    gen = SpeculativeGenerator(model, ToyTokenizer(), draft=SuffixDrafter(cache_size=4), policy="chain:gamma=4")
+    prompt = [11, 23, 5, 41, 7]
+    first = gen.generate(prompt, max_new_tokens=24)
+    second = gen.generate(prompt, max_new_tokens=24)
+    assert first.token_ids == second.token_ids == reference_greedy(model, prompt, 24)
+    assert sum(second.stats.accepted) > sum(first.stats.accepted)
+    assert second.stats.steps < first.stats.steps

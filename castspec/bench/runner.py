@@ -5,9 +5,11 @@ Methods: `ar` (our loop, plain decoding, same fast kernels as every speculative 
 `generate(assistant_model=draft)`, batch 1 only in transformers), `hf-pld` (stock `generate` with prompt lookup,
 `prompt_lookup_num_tokens=10`, batch 1 only), `suffix` / `suffix:POLICY` (castspec without a draft model: CAST, or
 POLICY, over trees from the suffix drafter), `POLICY+suffix` (e.g. `cast+suffix`: the draft model's candidates and
-the suffix drafter's merged in one tree), `METHOD@window=N` (METHOD with the draft model prefilled on each prompt's
-last N tokens only, e.g. `cast+suffix@window=256`), `llama.cpp` and `llama.cpp-spec:n=N` (llama.cpp's
-plain greedy and speculative decoding of the GGUF files, batch 1 only; optional, see `castspec/bench/llamacpp.py`)
+the suffix drafter's merged in one tree), `POLICY+lazy` (suffix trees first, the draft model prefilled and merged
+in once the steps it could have shortened have cost as much as its prefill), `METHOD@window=N` (METHOD with the
+draft model prefilled on each prompt's last N tokens only, e.g. `cast+suffix@window=256`), `llama.cpp` and
+`llama.cpp-spec:n=N` (llama.cpp's plain greedy and speculative decoding of the GGUF files, batch 1 only; optional,
+see `castspec/bench/llamacpp.py`)
 and any tree policy spec
 (`chain:gamma=4`, `static`, `eagle2:total_tokens=16`). Prompts are grouped into batches of each requested batch
 size (within a task); all methods run one after the other on each group, so slow drift of the machine hits all
@@ -47,6 +49,7 @@ PLD_TOKENS = 10  # hf-pld: stock generate(prompt_lookup_num_tokens=10), the prom
 
 
 MIXED = "+suffix"  # `POLICY+suffix`: POLICY over trees merging the draft model's candidates with the suffix drafter's
+LAZY = "+lazy"  # `POLICY+lazy`: POLICY over suffix trees first, the draft model joining once it pays (drafters/lazy.py)
 WINDOW = "@window="  # `METHOD@window=N`: METHOD with the draft model prefilled on each prompt's last N tokens only
 
 
@@ -66,9 +69,15 @@ def mixed_policy(method: str) -> str | None:
     return method[: -len(MIXED)] if method.endswith(MIXED) and len(method) > len(MIXED) else None
 
 
+def lazy_policy(method: str) -> str | None:
+    """The policy spec of a `POLICY+lazy` method (the draft model bought once it pays), else None."""
+    method = split_window(method)[0]
+    return method[: -len(LAZY)] if method.endswith(LAZY) and len(method) > len(LAZY) else None
+
+
 def policy_spec(method: str) -> str:
     """The tree policy a castspec method runs (`cast` for `suffix`, `cast` for `cast+suffix@window=256`, ...)."""
-    return suffix_policy(method) or mixed_policy(method) or split_window(method)[0]
+    return suffix_policy(method) or mixed_policy(method) or lazy_policy(method) or split_window(method)[0]
 
 
 def suffix_policy(method: str) -> str | None:
@@ -233,7 +242,7 @@ class MethodRunner:
                                     SuffixDrafter(self.target_model.device) if suffix_policy(m) or no_draft
                                     else self.draft_model,
                                     p, costs=OnlineCosts(table) if table else None, suffix=bool(mixed_policy(m)),
-                                    draft_window=split_window(m)[1])
+                                    draft_window=split_window(m)[1], lazy_draft=bool(lazy_policy(m)))
             for m, p in policies.items()}
         self.stock_target = self.stock_draft = None
         if any(m in HF_METHODS for m in config.methods):

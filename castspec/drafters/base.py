@@ -66,6 +66,10 @@ class Drafter(ABC):
     def keep_rows(self, rows: list[int]) -> None:
         """Only these rows (ascending indices) stay."""
 
+    def between_steps(self) -> None:  # noqa: B027 (optional hook)
+        """Called before each step, outside its timed draft and verify phases (the engine counts it as prefill):
+        a drafter may load or prefill what it needs here (see `castspec.drafters.lazy`)."""
+
     @abstractmethod
     def start(self, k: int) -> Proposals:
         """The root's k best children, [B, 1, k]."""

@@ -46,9 +46,15 @@ class SuffixIndex:
         sequence + path (up to `max_match`) that occurred before and counts what followed its most recent
         `max_occurrences` occurrences; nothing when no suffix occurred before."""
         tail = self.tokens[-self.max_match:] + list(path)  # the last tokens are all a lookup needs
-        for n in range(min(self.max_match, len(self.tokens) + len(path) - 1), 0, -1):
+        return self.continuations(tail, k, longest=len(self.tokens) + len(path) - 1)
+
+    def continuations(self, tail: list[int], k: int, longest: int | None = None) -> tuple[list[int], list[float], int]:
+        """Like `children`, for any text ending in `tail` (e.g. another sequence's): what followed the longest
+        suffix of `tail` (at most `longest` tokens) found here. Separators (`SEPARATOR`) are never proposed."""
+        longest = len(tail) if longest is None else longest
+        for n in range(min(self.max_match, longest, len(tail)), 0, -1):
             key = tuple(tail[len(tail) - n:])
-            ends = [e for e in self._ends.get(key, []) if e + 1 < len(self.tokens)]  # has a next token
+            ends = [e for e in self._ends.get(key, []) if e + 1 < len(self.tokens) and self.tokens[e + 1] != SEPARATOR]
             if not ends:
                 continue
             counts: dict[int, int] = {}
@@ -58,6 +64,34 @@ class SuffixIndex:
             best = sorted(counts.items(), key=lambda item: -item[1])[:k]  # ties: the earlier-seen token first
             return [t for t, _ in best], [c / total for _, c in best], n
         return [], [], 0
+
+
+SEPARATOR = -2  # between sequences in a `SuffixCache`: no n-gram a real text has contains it
+
+
+class SuffixCache:
+    """The outputs of the last `size` finished sequences of this process, indexed together (`--suffix-cache N`).
+
+    Requests to one server repeat each other (the same task, tool calls, boilerplate): a sequence can then copy from
+    an earlier answer as well as from its own text. Outputs only: a prompt is the sequence's own to copy from.
+    Rebuilt when the oldest output is dropped, so its cost stays bounded by `size` outputs.
+    """
+
+    def __init__(self, size: int, max_match: int = 8, max_occurrences: int = 16):
+        self.size, self.max_match, self.max_occurrences = size, max_match, max_occurrences
+        self.outputs: list[list[int]] = []
+        self.index = SuffixIndex(max_match, max_occurrences)
+
+    def add(self, output: list[int]) -> None:
+        if self.size <= 0 or not output:
+            return
+        self.outputs.append(list(output))
+        if len(self.outputs) > self.size:
+            self.outputs = self.outputs[-self.size:]
+            self.index = SuffixIndex(self.max_match, self.max_occurrences)
+            for earlier in self.outputs[:-1]:
+                self.index.extend(earlier + [SEPARATOR])
+        self.index.extend(self.outputs[-1] + [SEPARATOR])
 
 
 class SuffixDrafter(Drafter):
@@ -70,10 +104,14 @@ class SuffixDrafter(Drafter):
 
     free = True
 
-    def __init__(self, device: torch.device | str = "cpu", max_match: int = 8, max_occurrences: int = 16):
+    def __init__(self, device: torch.device | str = "cpu", max_match: int = 8, max_occurrences: int = 16,
+                 cache_size: int = 0):
+        """`cache_size` N > 0: also copy from the outputs of the last N sequences that finished (`SuffixCache`)."""
         self.device = torch.device(device)
         self.max_match, self.max_occurrences = max_match, max_occurrences
         self.rows: list[SuffixIndex] = []
+        self.prompt_lens: list[int] = []  # where each row's output starts in its index
+        self.cache = SuffixCache(cache_size, max_match, max_occurrences) if cache_size > 0 else None
 
     @property
     def vocab_size(self) -> int:
@@ -86,10 +124,31 @@ class SuffixDrafter(Drafter):
             index = SuffixIndex(self.max_match, self.max_occurrences)
             index.extend(list(prompt) + [first])
             new.append(index)
+        lens = [len(p) for p in prompts]
+        if fresh:
+            self._remember(range(len(self.rows)))
         self.rows = new if fresh else self.rows + new
+        self.prompt_lens = lens if fresh else self.prompt_lens + lens
 
     def keep_rows(self, rows: list[int]) -> None:
+        self._remember(sorted(set(range(len(self.rows))) - set(rows)))
         self.rows = [self.rows[i] for i in rows]
+        self.prompt_lens = [self.prompt_lens[i] for i in rows]
+
+    def _remember(self, leaving) -> None:
+        """Rows that leave hand their outputs to the cache (if there is one)."""
+        if self.cache is not None:
+            for i in leaving:
+                self.cache.add(self.rows[i].tokens[self.prompt_lens[i]:])
+
+    def lookup(self, index: SuffixIndex, path: list[int], k: int) -> tuple[list[int], list[float], int]:
+        """The row's own continuations, or the cache's where it matches a longer suffix."""
+        found = index.children(path, k)
+        if self.cache is None:
+            return found
+        tail = index.tokens[-self.max_match:] + list(path)
+        cached = self.cache.index.continuations(tail, k)
+        return cached if cached[2] > found[2] else found
 
     def start(self, k: int) -> Proposals:
         return self._propose([[[]] for _ in self.rows], k)
@@ -119,7 +178,7 @@ class SuffixDrafter(Drafter):
             for f, path in enumerate(row_paths):
                 if path and path[-1] == NO_TOKEN:
                     continue  # a padding node has no continuation
-                found, probs, matched = index.children(path, k)
+                found, probs, matched = self.lookup(index, path, k)
                 if found:
                     tokens[b, f, : len(found)] = torch.tensor(found)
                     scores[b, f, : len(found)] = torch.tensor(probs).log()

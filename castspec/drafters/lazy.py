@@ -1,0 +1,92 @@
+"""A draft model bought only once it has earned its prefill (issue 15: draft prefill that pays for itself).
+
+Every request that speculates with a draft model first runs the draft over its whole prompt. On long prompts with
+short answers (RAG, summaries) that prefill costs more than speculation then saves. `LazyDraft` starts each batch
+with the free suffix drafter (repeats of the prompt and output, no model) and prefills the draft model only when the
+batch has earned it, by the ski-rental rule: it adds up the time of the steps in which the text alone proposed
+nothing the target accepted (where a draft model could have helped), and buys the draft model once that *regret*
+reaches what the draft's prefill over the current context is predicted to cost (the draft's measured per-token cost
+from the cost table, times the context). Copy-heavy answers keep speculating for free; where the text does not repeat,
+the draft joins after a few slow steps and the mixed tree (`MixedDrafter`) takes over. Never more than twice the
+better of the two fixed choices, in the rule's usual sense; lossless like every drafter (the target decides).
+
+The prefill happens between steps (`between_steps`), where the engine counts it as prefill time: a step's draft and
+verify times, which CAST learns costs and rates from, never include it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from castspec.draft import DraftLM
+from castspec.drafters.base import Drafter, Proposals
+from castspec.drafters.suffix import MixedDrafter, SuffixDrafter
+from castspec.tree import DraftTree
+from castspec.verify import Outcome
+
+
+class LazyDraft(Drafter):
+    """Suffix drafting first; the draft model joins (prefilled on each row's whole context) once it pays."""
+
+    def __init__(self, lm: DraftLM, suffix: SuffixDrafter, prefill_ms: Callable[[int, int], float]):
+        """`prefill_ms(rows, tokens)`: the predicted time of the draft's prefill over `rows` contexts of at most
+        `tokens` tokens each."""
+        self.lm, self.suffix = lm, suffix
+        self.mixed = MixedDrafter(lm, suffix)
+        self.prefill_ms = prefill_ms
+        self.bought = False
+        self.regret_ms = 0.0
+        self.last_finish: float | None = None
+        self.budget = 0
+
+    @property
+    def free(self) -> bool:  # type: ignore[override]
+        return not self.bought
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.vocab_size
+
+    def add_rows(self, prompts: list[list[int]], first_token: torch.Tensor, budget: int = 0,
+                 fresh: bool = False) -> None:
+        if fresh:  # a new batch decides afresh
+            self.bought, self.regret_ms, self.last_finish = False, 0.0, None
+        self.budget = max(budget, self.budget) if not fresh else budget
+        self.suffix.add_rows(prompts, first_token, budget, fresh)
+        if self.bought:
+            self.lm.add_rows(prompts, first_token, budget, fresh=False)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.suffix.keep_rows(rows)
+        if self.bought:
+            self.lm.keep_rows(rows)
+
+    def between_steps(self) -> None:
+        """Buy the draft model when the regret has reached its predicted prefill cost."""
+        if self.bought or not self.suffix.rows:
+            return
+        contexts = [index.tokens for index in self.suffix.rows]
+        if self.regret_ms < self.prefill_ms(len(contexts), max(len(c) for c in contexts)):
+            return
+        root = torch.tensor([c[-1] for c in contexts], dtype=torch.long, device=self.suffix.device)
+        self.lm.prefill([c[:-1] for c in contexts], root, self.budget)  # the root waits as the pending token
+        self.bought = True
+
+    def start(self, k: int) -> Proposals:
+        return (self.mixed if self.bought else self.suffix).start(k)
+
+    def expand(self, tree: DraftTree, frontier: torch.Tensor, k: int) -> Proposals:
+        return (self.mixed if self.bought else self.suffix).expand(tree, frontier, k)
+
+    def finish_step(self, tree: DraftTree, nodes: torch.Tensor, outcome: Outcome) -> None:
+        if self.bought:
+            self.mixed.finish_step(tree, nodes, outcome)
+            return
+        self.suffix.finish_step(tree, nodes, outcome)
+        now = time.perf_counter()
+        if self.last_finish is not None and not bool((outcome.n_accepted > 0).any()):
+            self.regret_ms += 1000 * (now - self.last_finish)  # a step the text alone could not shorten
+        self.last_finish = now

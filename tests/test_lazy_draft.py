@@ -1,0 +1,116 @@
+"""The lazy draft model (`castspec.drafters.lazy`): bought only once the steps it could have shortened have cost as
+much as its predicted prefill. Output stays exactly plain decoding's whenever (and whether) it is bought, its cache
+then holds exactly the sequence so far, and its prefill is counted as prefill time, not as a step's."""
+
+from __future__ import annotations
+
+import pytest
+
+from castspec.cost.table import OnlineCosts
+from castspec.drafters.lazy import LazyDraft
+from castspec.engine import SpeculativeGenerator
+from tests.conftest import ToyTokenizer, on_test_device, reference_greedy, tiny_model
+from tests.test_cast import FLAT
+from tests.test_target_only import PROMPTS
+
+NEVER, AT_ONCE = float("inf"), 0.0
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return (on_test_device(tiny_model("qwen2", seed=2, sharpen=30.0)),
+            on_test_device(tiny_model("qwen2", seed=5, layers=1, sharpen=30.0)))
+
+
+def lazy_generator(pair, policy: str, prefill_ms: float) -> SpeculativeGenerator:
+    target, draft = pair
+    gen = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy=policy, costs=OnlineCosts(FLAT),
+                               lazy_draft=True)
+    assert isinstance(gen.drafter, LazyDraft)
+    gen.drafter.prefill_ms = lambda rows, tokens: prefill_ms
+    return gen
+
+
+def draft_calls(pair) -> list[int]:
+    calls = [0]
+    pair[1].register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("policy", ["chain:gamma=3", "cast", "cast:mode=paper"])
+@pytest.mark.parametrize("price", [NEVER, AT_ONCE, 1e-3], ids=["never-bought", "bought-at-once", "bought-later"])
+def test_output_is_exact_whenever_the_draft_is_bought(pair, policy, price):
+    gen = lazy_generator(pair, policy, price)
+    results = gen.generate_batch(PROMPTS, max_new_tokens=20)
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        assert result.token_ids == reference_greedy(pair[0], prompt, 20), (policy, prompt)
+    if price in (NEVER, AT_ONCE):
+        assert gen.drafter.bought == (price == AT_ONCE)
+
+
+def test_a_draft_never_bought_is_never_run(pair):
+    gen = lazy_generator(pair, "cast", NEVER)
+    calls = draft_calls(pair)
+    gen.generate(PROMPTS[1], max_new_tokens=12)
+    assert calls[0] == 0 and gen.drafter.free
+
+
+def test_the_draft_is_bought_after_the_regret_reaches_its_price_and_then_holds_the_whole_sequence(pair):
+    """Bought mid-answer: prefilled on prompt + output so far; afterwards its cache plus pending tokens are exactly
+    the sequence, step after step; a fresh batch starts without it again."""
+    gen = lazy_generator(pair, "chain:gamma=3", 1e-3)
+    lazy = gen.drafter
+    seen = []
+
+    def after_step(record, observe=gen.policy.observe):
+        observe(record)
+        if lazy.bought:
+            known = gen.target.cache.length + 1  # committed tokens + the new root
+            seen.append((lazy.lm.runner.cache.length + lazy.lm.pending_valid.sum(dim=1)).tolist() == known.tolist())
+        else:
+            seen.append(None)
+
+    gen.policy.observe = after_step
+    prompt = [11, 12, 13]  # never repeats within 24 tokens here: every step is regret
+    out = gen.generate(prompt, max_new_tokens=24)
+    assert out.token_ids == reference_greedy(pair[0], prompt, 24)
+    assert seen[0] is None and seen[-1] is True and all(s in (None, True) for s in seen)
+    assert lazy.bought
+    gen.generate(prompt, max_new_tokens=1)  # a new batch: not bought until it pays again
+    assert not lazy.bought
+
+
+def test_buying_counts_as_prefill_time_not_as_a_step(pair, monkeypatch):
+    """The engine's clock (faked: it moves only while the draft model is prefilled, by 100 s) puts the purchase in
+    prefill time; no step's draft or verify time contains it."""
+    from types import SimpleNamespace
+
+    import castspec.engine
+
+    gen = lazy_generator(pair, "chain:gamma=3", AT_ONCE)
+    clock = [0.0]
+    monkeypatch.setattr(castspec.engine, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    lm_prefill = gen.drafter.lm.prefill
+
+    def costly_prefill(*args, **kwargs):
+        clock[0] += 100.0
+        return lm_prefill(*args, **kwargs)
+
+    monkeypatch.setattr(gen.drafter.lm, "prefill", costly_prefill)
+    result = gen.generate(PROMPTS[0], max_new_tokens=6)
+    assert gen.drafter.bought
+    assert result.stats.prefill_s == result.batch_stats.prefill_s == 100.0
+    assert result.stats.draft_s == result.stats.verify_s == 0.0
+
+
+def test_the_price_comes_from_the_draft_cost_table(pair):
+    """Without a table a lazy draft is bought at once (nothing to weigh); with one, its per-token prefill cost
+    grows with the context and the rows."""
+    target, draft = pair
+    gen = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy="chain", lazy_draft=True)
+    assert gen.drafter.prefill_ms(1, 500) == 0.0
+    gen = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy="cast", costs=OnlineCosts(FLAT),
+                               lazy_draft=True)
+    one = gen.drafter.prefill_ms(1, 100)
+    assert one > 0 and gen.drafter.prefill_ms(2, 100) == pytest.approx(2 * one)
+    assert gen.drafter.prefill_ms(1, 400) > 3 * one
