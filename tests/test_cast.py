@@ -175,28 +175,36 @@ def test_auto_tree_shrinks_as_batch_grows():
 
 def test_auto_falls_back_to_plain_decoding_and_probes_again():
     """When speculative steps measure slower than plain decoding, auto decodes plainly, but probes again after a
-    doubling backoff; a fast probe brings speculation back. (A stale rate once blocked every probe, so one slow cold
-    step kept a whole prompt on plain decoding.)"""
+    doubling backoff; a fast probe brings speculation back. A probe is two speculative steps judged by the second:
+    the first also feeds the draft every token of the plain stretch (a wide catch-up forward), so it is slow however
+    good speculation is. (A stale rate once blocked every probe, so one slow cold step kept a whole prompt on plain
+    decoding; then the catch-up cost did the same: 125 plain steps in a row on HumanEval.)"""
     policy = make_policy("cast")
     policy.attach_costs(OnlineCosts(FLAT))
     ctx = StepContext(batch_size=1, context_len=200, remaining=100)
+    first_of_probe = []
 
     def step(fast: bool) -> str:
         policy.begin_step(ctx)
         plain = policy.max_depth() == 0
         one_s, four_s = policy.t_one / 1000, float(policy.verify_ms[4]) / 1000
+        catch_up = policy.probing == 2 and not plain
+        first_of_probe.append(catch_up)
         if plain:
             record = StepRecord(tree_size=0, verified=0, depth=0, accepted=torch.tensor([0]), draft_s=0.0,
                                 verify_s=one_s, plan={})
         else:  # four nodes verified; fast: 3 accepted for little draft time, slow: none accepted after a long draft
+            draft_s = 5.0 * one_s if catch_up or not fast else 0.1 * one_s
             record = StepRecord(tree_size=4, verified=4, depth=4, accepted=torch.tensor([3 if fast else 0]),
-                                draft_s=(0.1 if fast else 5.0) * one_s, verify_s=four_s, plan={})
+                                draft_s=draft_s, verify_s=four_s, plan={})
         policy.observe(record)
         return "P" if plain else "S"
 
     slow = "".join(step(fast=False) for _ in range(18))
-    assert slow == "S" + "P" * 4 + "S" + "P" * 8 + "S" + "P" * 3  # back off 4 steps, then 8, then 16
-    assert "".join(step(fast=True) for _ in range(20)) == "P" * 13 + "S" * 7  # a fast probe: speculate again
+    assert slow == "S" + "P" * 4 + "SS" + "P" * 8 + "SS" + "P"  # back off 4 steps, then 8, then 16
+    fast = "".join(step(fast=True) for _ in range(20))
+    assert fast == "P" * 15 + "S" * 5  # the probe's slow catch-up step is not held against it: speculate again
+    assert first_of_probe.count(True) == 3
 
 
 def test_calibration_learns_acceptance():

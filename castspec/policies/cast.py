@@ -123,7 +123,7 @@ class CastPolicy(TreePolicy):
         self.ratios: deque[float] = deque([1.0], maxlen=self.R)  # paper: FIFO of layer utility ratios
         self.calibration = Calibration()
         self.spec_rate: float | None = None  # measured tokens per ms of speculative steps (EMA)
-        self.backoff, self.plain_left, self.probing = 0, 0, False
+        self.backoff, self.plain_left, self.probing = 0, 0, 0  # probing: speculative steps left in a probe
         self.last_plan: dict[str, Any] = {}
 
     def attach_costs(self, costs: OnlineCosts) -> None:
@@ -166,9 +166,12 @@ class CastPolicy(TreePolicy):
             return False
         if self.plain_left > 0:
             self.plain_left -= 1
-            self.probing = self.plain_left == 0  # the next speculative step measures afresh
+            # The probe after a backoff speculates twice and is judged by its second step alone: the first one also
+            # feeds the draft every token accepted while decoding plainly (one wide catch-up forward), a cost of
+            # the plain stretch that would otherwise make every probe look slow and keep CAST from ever returning.
+            self.probing = 2 if self.plain_left == 0 else 0
             return True
-        if self.probing:  # the backoff is over: speculate once and judge by that step, not the stale rate
+        if self.probing:  # the backoff is over: speculate and judge by the probe, not the stale rate
             return False
         if self.spec_rate is not None and self.spec_rate < 0.95 / self.t_one:
             self.backoff = min(max(2 * self.backoff, 4), 64)  # each failed probe waits twice as long
@@ -313,14 +316,17 @@ class CastPolicy(TreePolicy):
             self.calibration.update(edge_logp[judged], node_accepted[judged], edge_source[judged])
         predicted_verify = float(self.verify_ms[min(record.verified, self.verify_cap)])
         self.costs.observe("target", predicted_verify, record.verify_s * 1000)
-        if record.tree_size and not self.ctx.draft_free:
+        catch_up = self.probing == 2 and not self.plain  # the probe's first step: its draft time is the catch-up's
+        if record.tree_size and not self.ctx.draft_free and not catch_up:
             self.costs.observe("draft", self.draft_ms, record.draft_s * 1000)
-        if not self.plain:  # a speculative step (even one that verified nothing) measures the speculative rate
+        if catch_up:  # not a measure of speculation either
+            self.probing = 1
+        elif not self.plain:  # a speculative step (even one that verified nothing) measures the speculative rate
             tokens = float(accepted.float().mean()) + 1.0
             rate = tokens / max((record.draft_s + record.verify_s) * 1000, 1e-6)
             fresh = self.spec_rate is None or self.probing
             self.spec_rate = rate if fresh else self.spec_rate + 0.2 * (rate - self.spec_rate)
-            self.probing = False
+            self.probing = 0
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"policy": self.name, "mode": self.mode}
