@@ -7,7 +7,9 @@ batch has earned it, by the ski-rental rule: it adds up the time of the steps in
 nothing the target accepted (where a draft model could have helped), and buys the draft model once that *regret*
 reaches what the draft's prefill over the current context is predicted to cost (the draft's measured per-token cost
 from the cost table, times the context). Copy-heavy answers keep speculating for free; where the text does not repeat,
-the draft joins after a few slow steps and the mixed tree (`MixedDrafter`) takes over. Never more than twice the
+the draft joins after a few slow steps and proposes alone from then on (merged with the text's candidates it did
+worse: the target almost never accepted a repeat the draft did not also propose, README "Drafting from the text
+itself"). Never more than twice the
 better of the two fixed choices, in the rule's usual sense; lossless like every drafter (the target decides).
 
 The prefill happens between steps (`between_steps`), where the engine counts it as prefill time: a step's draft and
@@ -23,19 +25,18 @@ import torch
 
 from castspec.draft import DraftLM
 from castspec.drafters.base import Drafter, Proposals
-from castspec.drafters.suffix import MixedDrafter, SuffixDrafter
+from castspec.drafters.suffix import SuffixDrafter
 from castspec.tree import DraftTree
 from castspec.verify import Outcome
 
 
 class LazyDraft(Drafter):
-    """Suffix drafting first; the draft model joins (prefilled on each row's whole context) once it pays."""
+    """Suffix drafting first; the draft model takes over (prefilled on each row's whole context) once it pays."""
 
     def __init__(self, lm: DraftLM, suffix: SuffixDrafter, prefill_ms: Callable[[int, int], float]):
         """`prefill_ms(rows, tokens)`: the predicted time of the draft's prefill over `rows` contexts of at most
         `tokens` tokens each."""
         self.lm, self.suffix = lm, suffix
-        self.mixed = MixedDrafter(lm, suffix)
         self.prefill_ms = prefill_ms
         self.bought = False
         self.regret_ms = 0.0
@@ -75,17 +76,21 @@ class LazyDraft(Drafter):
         self.lm.prefill([c[:-1] for c in contexts], root, self.budget)  # the root waits as the pending token
         self.bought = True
 
+    @property
+    def proposer(self) -> Drafter:
+        return self.lm if self.bought else self.suffix
+
     def start(self, k: int) -> Proposals:
-        return (self.mixed if self.bought else self.suffix).start(k)
+        return self.proposer.start(k)
 
     def expand(self, tree: DraftTree, frontier: torch.Tensor, k: int) -> Proposals:
-        return (self.mixed if self.bought else self.suffix).expand(tree, frontier, k)
+        return self.proposer.expand(tree, frontier, k)
 
     def finish_step(self, tree: DraftTree, nodes: torch.Tensor, outcome: Outcome) -> None:
+        self.suffix.finish_step(tree, nodes, outcome)  # cheap; keeps its rows aligned with the batch
         if self.bought:
-            self.mixed.finish_step(tree, nodes, outcome)
+            self.lm.finish_step(tree, nodes, outcome)
             return
-        self.suffix.finish_step(tree, nodes, outcome)
         now = time.perf_counter()
         if self.last_finish is not None and not bool((outcome.n_accepted > 0).any()):
             self.regret_ms += 1000 * (now - self.last_finish)  # a step the text alone could not shorten
