@@ -153,3 +153,22 @@ def test_cli_generates_with_an_int8_target(tmp_path, capsys):
                  "--prompt", "hello world", "--max-new-tokens", "10", "--json", "--compare"])
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["ar"]["identical"] is True and result["new_tokens"] == 10
+
+
+@pytest.mark.parametrize("make_model", [int8_model, fast_fp32_model], ids=["int8", "fp32-onednn"])
+def test_a_long_prefill_read_causally_equals_decoding(make_model):
+    """A prompt long enough that prefill attention is computed in causal slices (each reads only the key chunks
+    its queries can see, `attention.CAUSAL_SLICE`): its last logits equal, bitwise, the last token decoded alone
+    after the rest, and the keys of a prefix equal the prefix's own prefill."""
+    from castspec.models import attention
+
+    model = make_model(seed=7, hidden=64)
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    length = attention.QUERY_CHUNK // groups + 3 * attention.CHUNK + 5  # more queries than one slice holds
+    prompt = [int(t) for t in torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(2))]
+    runner = CausalLMRunner(model)
+    last = runner.prefill([prompt])[0]
+    assert torch.equal(last, decode_alone(model, prompt[:-1], prompt[-1:])[0])
+    short = CausalLMRunner(model)
+    short.prefill([prompt[:100]])
+    assert torch.equal(runner.cache.kv[..., :100, :], short.cache.kv[..., :100, :])

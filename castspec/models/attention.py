@@ -43,6 +43,7 @@ from castspec.errors import CastspecError
 ATTENTION_NAME = "castspec_tree_attention"
 CHUNK = 32  # positions per canonical chunk (a multiple of every SIMD width, so no scalar tails in elementwise ops)
 QUERY_CHUNK = 1024  # folded query rows per product: bounds memory on long prompts (rows are independent)
+CAUSAL_SLICE = 2 * CHUNK  # queries per slice of a long linear block: each slice reads only the chunks it can see
 
 
 @dataclass
@@ -58,7 +59,14 @@ class KeyLayout:
     tail: torch.Tensor
     tail_valid: torch.Tensor
     in_place_max: int  # max of `in_place` (host value, read once per forward)
+    reach: list[int] = field(default_factory=list)  # per query index: 1 + the furthest position any row's query sees
     cache: dict = field(default_factory=dict)  # per-forward inputs shared by the layers
+
+    def in_place_end(self, queries: slice) -> int:
+        """The in-place positions these queries can see at all: chunks past them would add exact zeros, so a slice
+        of a prefill reads only the chunks up to its own (about half the work of a long prompt's attention)."""
+        reach = max(self.reach[queries], default=0)
+        return min(self.in_place_max, -(-reach // CHUNK) * CHUNK)
 
 
 def tree_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -82,6 +90,8 @@ def tree_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
         out = out.reshape(batch, heads, n, head_dim)
     else:
         step = max(1, QUERY_CHUNK // groups)
+        if n > step and castspec_layout.tail.shape[-1] == 0:
+            step = CAUSAL_SLICE  # a long linear block (prefill): later slices see more chunks, earlier ones fewer
         out = torch.cat([_canonical(query[:, :, i:i + step], key, value, mask[:, :, i:i + step], scale,
                                     castspec_layout, slice(i, i + step)) for i in range(0, n, step)], dim=2)
     return out.transpose(1, 2).contiguous(), None
@@ -188,9 +198,9 @@ def _in_place_scores(per_query: torch.Tensor, key: torch.Tensor, row_mask: torch
 def _in_place_mask(layout: KeyLayout, mask: torch.Tensor, queries: slice, groups: int, tile: int) -> torch.Tensor:
     """The additive mask of the in-place chunks per row [B, 1, chunks, rows (padded), CHUNK]; slots at or past a
     row's `in_place` are masked (they are read through the tail). Built once per forward and mask."""
-    key = (mask.data_ptr(), tuple(mask.shape), queries.start, groups, tile)
+    key = (mask.data_ptr(), tuple(mask.shape), queries.start, queries.stop, groups, tile)
     if key not in layout.cache:
-        end = layout.in_place_max
+        end = layout.in_place_end(queries)
         batch = mask.shape[0]
         row_mask = _pad_rows(mask[:, :, :, :end].repeat_interleave(groups, dim=2), tile)  # [B, 1, rows, end]
         own = torch.arange(end, device=mask.device)[None, :] < layout.in_place[:, None]
@@ -227,7 +237,8 @@ def key_layout(allowed: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Te
     linear_run = in_order.long().cumprod(dim=1).sum(dim=1)
     in_place = torch.div(linear_run, CHUNK, rounding_mode="floor") * CHUNK
     need = torch.where(valid, query_pos + 1 - in_place[:, None], 0).amax()
-    in_place_max, need = torch.stack([in_place.max(), need]).tolist()  # the forward's one host read
+    reach = torch.where(valid, query_pos + 1, 0).amax(dim=0)  # [n]
+    in_place_max, need, *reach = torch.cat([torch.stack([in_place.max(), need]), reach]).tolist()  # one host read
     width = max(0, -(-need // CHUNK) * CHUNK)  # 0: every query's keys are in place (prefill, chains, plain steps)
     offset = key_pos[:, None, :] - in_place[:, None, None]
     keep = allowed & (slot[None, None, :] >= in_place[:, None, None]) & (offset >= 0) & (offset < width)
@@ -236,7 +247,7 @@ def key_layout(allowed: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Te
     tail.scatter_(2, target, slot.expand(batch, n, slots).contiguous())
     tail_valid = torch.zeros(batch, n, width + 1, dtype=torch.bool, device=device)
     tail_valid.scatter_(2, target, keep)
-    return KeyLayout(in_place, tail[..., :width], tail_valid[..., :width], in_place_max)
+    return KeyLayout(in_place, tail[..., :width], tail_valid[..., :width], in_place_max, reach)
 
 
 def use_tree_attention(model: torch.nn.Module) -> bool:
