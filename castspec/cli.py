@@ -234,8 +234,8 @@ def _model_arguments(parser: argparse.ArgumentParser, target: str, draft: str) -
                              "once the steps it could have shortened have cost as much as its prefill (long prompts "
                              "with short or copy-heavy answers skip it); lossless")
     parser.add_argument("--suffix-cache", type=_non_negative_int, default=0, metavar="N",
-                        help="with --suffix or --draft none: also copy repeats from the outputs of the last N "
-                             "finished sequences (requests that resemble each other; 0: off)")
+                        help="with --suffix, --lazy-draft or --draft none: also copy repeats from the outputs of "
+                             "the last N finished sequences (requests that resemble each other; 0: off)")
     parser.add_argument("--draft-window", type=_non_negative_int, default=0, metavar="N",
                         help="prefill the draft model on each prompt's last N tokens only (0: the whole prompt); "
                              "long prompts then cost the draft far less; lossless")

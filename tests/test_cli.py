@@ -136,6 +136,8 @@ BENCH = ["bench", "--target", "{target}", "--draft", "{draft}", "--out", "{tmp}/
     (["generate", "--bogus"], "unrecognized arguments: --bogus"),
     (["generate", "--target-dtype", "int8", "--device", "cuda"], "--target-dtype int8 runs on the CPU only"),
     (["generate", "--target-dtype", "int4"], "invalid choice: 'int4'"),
+    (["generate", "--suffix-cache", "4"], "--suffix-cache) needs suffix drafting"),
+    (["generate", "--draft-window", "-1"], "--draft-window"),
     (["profile", "--batch-sizes", "0,2"], "--batch-sizes needs positive whole numbers"),
     # bench: the same flags, the same errors
     (BENCH + ["--batch-size", "0"], "--batch-size needs positive whole numbers"),
