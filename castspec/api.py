@@ -101,14 +101,13 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
     if draft_quant not in ("int8", "none"):
         raise CastspecError(f"draft_quant must be 'int8' or 'none', got '{draft_quant}'")
     draft_vocab = resolve_draft_vocab(draft_vocab)
-    target_only_requested = isinstance(draft, str) and draft.strip().lower() == NO_DRAFT
-    if suffix_cache and not (suffix or lazy_draft or target_only_requested):
+    draft = resolve_draft(target, draft) if policy.uses_draft else None
+    target_only = isinstance(draft, str) and draft.strip().lower() == NO_DRAFT
+    if suffix_cache and not (suffix or lazy_draft or target_only):
         raise CastspecError("suffix_cache (--suffix-cache) needs suffix drafting: add --suffix, --lazy-draft or "
                             "--draft none")
     target_model, tokenizer = load_model(target, device=device)
-    draft = resolve_draft(target, draft) if policy.uses_draft else None
     draft_model = None
-    target_only = isinstance(draft, str) and draft.strip().lower() == NO_DRAFT
     if policy.uses_draft and not target_only:
         if draft is None:
             raise CastspecError(f"policy '{policy.name}' needs a draft model (--draft, or --draft none)")

@@ -9,8 +9,7 @@ reaches what the draft's prefill over the current context is predicted to cost (
 from the cost table, times the context). Copy-heavy answers keep speculating for free; where the text does not repeat,
 the draft joins after a few slow steps and proposes alone from then on (merged with the text's candidates it did
 worse: the target almost never accepted a repeat the draft did not also propose, README "Drafting from the text
-itself"). Never more than twice the
-better of the two fixed choices, in the rule's usual sense; lossless like every drafter (the target decides).
+itself"). Lossless like every drafter (the target decides).
 
 The prefill happens between steps (`between_steps`), where the engine counts it as prefill time: a step's draft and
 verify times, which CAST learns costs and rates from, never include it.
