@@ -18,9 +18,11 @@ from castspec.cost.table import OnlineCosts
 from castspec.drafters.suffix import SuffixDrafter
 from castspec.engine import SpeculativeGenerator
 from castspec.errors import CastspecError
+from castspec.models import TARGET_DTYPES
 from castspec.models.attention import use_tree_attention
 from castspec.models.draft_head import reduce_draft_vocab
 from castspec.models.formats import quantize_int8_rows
+from castspec.models.gguf_format import use_gguf_linears
 from castspec.models.kernels import quantize_draft_int8, use_fast_cpu_linears
 from castspec.models.lean import use_lean_layers
 from castspec.models.load import load_model, load_tokenizer, resolve_model_dir
@@ -45,7 +47,6 @@ def resolve_draft(target: str, draft: str | None) -> str | None:
     print(f"castspec: the default draft '{DEFAULT_DRAFT}' has another tokenizer than '{target}'; speculating "
           "without a draft model (--draft none; give --draft MODEL to use one)", file=sys.stderr)
     return NO_DRAFT
-TARGET_DTYPES = ("fp32", "int8")
 # The draft proposes only token ids below this (plus the EOS ids); 0 = the whole vocabulary. Measured on the AVX2
 # host (benchmarks/draft_cost): see `castspec.models.draft_head` and the CLI's --draft-vocab help.
 DEFAULT_DRAFT_VOCAB = 65536
@@ -96,8 +97,8 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
         raise CastspecError(f"max_batch_size must be a whole number >= 1, got {max_batch_size!r}")
     if target_dtype not in TARGET_DTYPES:
         raise CastspecError(f"target_dtype must be one of {', '.join(TARGET_DTYPES)}, got '{target_dtype}'")
-    if target_dtype == "int8" and str(device).split(":")[0] != "cpu":
-        raise CastspecError("--target-dtype int8 runs on the CPU only (fbgemm kernels); use fp32 on a GPU")
+    if target_dtype in ("int8", "q4k") and str(device).split(":")[0] != "cpu":
+        raise CastspecError(f"--target-dtype {target_dtype} runs on the CPU only; use fp32 on a GPU")
     if draft_quant not in ("int8", "none"):
         raise CastspecError(f"draft_quant must be 'int8' or 'none', got '{draft_quant}'")
     draft_vocab = resolve_draft_vocab(draft_vocab)
@@ -124,6 +125,8 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
         use_lean_layers(draft_model)  # fewer torch calls per layer, q/k/v and gate/up fused (before int8)
     if target_dtype == "int8":
         quantize_int8_rows(target_model)
+    elif target_dtype == "q4k":
+        use_gguf_linears(target_model, gguf_of(target))
     if on_cpu and draft_model is not None and draft_quant == "int8":
         quantize_draft_int8(draft_model)
     if on_cpu and fast_kernels:
@@ -140,6 +143,18 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
         drafter = SuffixDrafter(target_model.device, cache_size=suffix_cache)
     return SpeculativeGenerator(target_model, tokenizer, draft=drafter, policy=policy, costs=costs, suffix=suffix,
                                 draft_window=draft_window, suffix_cache=suffix_cache, lazy_draft=lazy_draft)
+
+
+def gguf_of(model: str) -> str | None:
+    """The GGUF a built-in model was converted from (its blocks are what `q4k` runs), assembled once; None for other
+    models, which `q4k` quantizes itself (with a notice)."""
+    from castspec.models.packaged import BUILTIN_MODELS, gguf_info
+
+    if model in BUILTIN_MODELS:
+        return gguf_info(model)["path"]
+    print(f"castspec: {model} is not a built-in model, so q4k quantizes its weights here (round to nearest, coarser "
+          "than llama.cpp's quantizer)", file=sys.stderr)
+    return None
 
 
 def resolve_draft_vocab(draft_vocab: int | None) -> int:

@@ -1,0 +1,4 @@
+"""Model loading, formats, kernels, KV cache and the runner (the runtime under the decode loop)."""
+
+# The target's formats (`--target-dtype`); kept here, free of torch, so the CLI can list them without loading it.
+TARGET_DTYPES = ("fp32", "int8", "q4k")

@@ -327,14 +327,17 @@ def _is_int8_dynamic_linear(module: nn.Module) -> bool:
 
 
 def describe_kernels(model: nn.Module) -> str:
-    """Name the kernels `model` runs: linears "stock", "onednn-fp32", "int8-dynamic", "int8-rows" (several joined by
-    "+"), plus "+tree-attn" when its attention is `castspec.models.attention.tree_attention`, "+lean" with lean
-    decoder layers (`castspec.models.lean`), "+fused" with fused projections alone (`castspec.models.fuse`)."""
+    """Name the kernels `model` runs: linears "stock", "onednn-fp32", "int8-dynamic", "int8-rows", "q4k" (several
+    joined by "+"), plus "+tree-attn" when its attention is `castspec.models.attention.tree_attention`, "+lean"
+    with lean decoder layers (`castspec.models.lean`), "+fused" with fused projections only."""
     from castspec.models.formats import RowInt8Linear
+    from castspec.models.gguf_format import GGUFLinear
 
     kinds = set()
     for module in model.modules():
-        if isinstance(module, RowInt8Linear):
+        if isinstance(module, GGUFLinear):
+            kinds.add("q4k")
+        elif isinstance(module, RowInt8Linear):
             kinds.add("int8-rows")
         elif isinstance(module, OneDNNLinear):
             kinds.add("onednn-fp32")
@@ -342,7 +345,7 @@ def describe_kernels(model: nn.Module) -> str:
             kinds.add("int8-dynamic")
         elif isinstance(module, nn.Linear):
             kinds.add("stock")
-    order = ["int8-rows", "int8-dynamic", "onednn-fp32", "stock"]
+    order = ["q4k", "int8-rows", "int8-dynamic", "onednn-fp32", "stock"]
     linears = "+".join(k for k in order if k in kinds) or "stock"
     from castspec.models.attention import ATTENTION_NAME
     from castspec.models.fuse import FusedPart

@@ -1,0 +1,117 @@
+"""Build and load castspec's own C++ CPU kernels (`native/gguf_kernels.cpp`) once per machine.
+
+The library is compiled with g++ on first use (about two seconds) into `castspec_home()/kernels/<key>/`, where the
+key hashes the source, the flags and torch's version, and loaded with ctypes. It uses OpenMP from torch's own
+bundled libgomp (same soname, already loaded by `import torch`), so its threads are torch's threads: one pool, sized
+by `torch.set_num_threads`, no second runtime spinning beside it. A file lock keeps two processes from building the
+same library at once. `unavailable_reason()` says in one line why the kernels cannot run here (not x86 with
+AVX2/FMA/F16C, no compiler, a failed build); callers turn it into a clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from castspec.errors import CastspecError
+
+SOURCE = Path(__file__).with_name("native") / "gguf_kernels.cpp"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+_POINTER, _INT64 = ctypes.c_void_p, ctypes.c_int64
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _build_dir() -> Path:
+    from castspec.models.packaged import castspec_home
+
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()
+    return castspec_home() / "kernels" / key[:16]
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(target: Path, compiler: str) -> None:
+    torch_lib = Path(torch.__file__).parent / "lib"
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        command = [compiler, *FLAGS, str(SOURCE), "-o", str(out), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            first = (result.stderr.strip().splitlines() or ["(no output)"])[0]
+            raise CastspecError(f"building castspec's CPU kernels failed: {first}")
+        os.replace(out, target)
+
+
+@functools.cache
+def _library_or_reason() -> ctypes.CDLL | str:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"castspec's quantized CPU kernels need an x86-64 CPU, this is {platform.machine()}"
+    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in _cpu_flags()]
+    if missing:
+        return f"castspec's quantized CPU kernels need AVX2, FMA and F16C; this CPU lacks {', '.join(missing)}"
+    compiler = _compiler()
+    if compiler is None:
+        return "castspec's quantized CPU kernels are built on first use and need a C++ compiler (g++); none found"
+    target = _build_dir() / "libcastspec_gguf.so"
+    try:
+        with _lock(target.parent / ".lock"):
+            if not target.is_file():
+                _build(target, compiler)
+    except CastspecError as e:
+        return str(e)
+    library = ctypes.CDLL(str(target))
+    library.quantize_rows.argtypes = [_POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER]
+    for name in ("q4k_matmul", "q6k_matmul"):
+        getattr(library, name).argtypes = [_POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _INT64, _POINTER]
+    for name in ("quantize_rows", "q4k_matmul", "q6k_matmul"):
+        getattr(library, name).restype = None
+    return library
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot run on this machine, in one line; None when they can."""
+    found = _library_or_reason()
+    return found if isinstance(found, str) else None
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernel library (built now if needed); a clear `CastspecError` when it cannot be."""
+    found = _library_or_reason()
+    if isinstance(found, str):
+        raise CastspecError(found)
+    return found
