@@ -12,7 +12,7 @@ from castspec.cli import main
 from tests.conftest import tiny_model
 
 
-def save_tiny(path, seed=0, layers=2, alphabet="abcdefghijklmnopqrstuvwxyz0123456789"):
+def save_tiny(path, seed=0, layers=2, alphabet="abcdefghijklmnopqrstuvwxyz0123456789", hidden=32):
     """A tiny Qwen2 model with a real (byte-level BPE, one token per character) tokenizer, saved as a HF dir."""
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
     for char in "Ġ" + alphabet:
@@ -21,7 +21,7 @@ def save_tiny(path, seed=0, layers=2, alphabet="abcdefghijklmnopqrstuvwxyz012345
                                unk_token=None)
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     tokenizer.save_pretrained(path)
-    tiny_model("qwen2", seed=seed, layers=layers, sharpen=4.0).to(torch.float32).save_pretrained(path)
+    tiny_model("qwen2", seed=seed, layers=layers, hidden=hidden, sharpen=4.0).to(torch.float32).save_pretrained(path)
     return str(path)
 
 

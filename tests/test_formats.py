@@ -73,6 +73,15 @@ def decode_alone(model, prefix: list[int], path: list[int]) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def q4k_model(seed: int, hidden: int = 256):
+    """The q4k format on a tiny model (quantized here: it has no GGUF); its linears need inputs in blocks of 256."""
+    from castspec.models.gguf_format import use_gguf_linears
+
+    model = tiny_model("qwen2", seed=seed, hidden=max(hidden, 256), sharpen=4.0).float()
+    assert use_gguf_linears(model) == 2 * 7 + 1
+    return model
+
+
 def fast_fp32_model(seed: int, hidden: int):
     from castspec.models.kernels import use_fast_cpu_linears
 
@@ -81,7 +90,7 @@ def fast_fp32_model(seed: int, hidden: int):
     return model
 
 
-@pytest.mark.parametrize("make_model", [int8_model, fast_fp32_model], ids=["int8", "fp32-onednn"])
+@pytest.mark.parametrize("make_model", [int8_model, q4k_model, fast_fp32_model], ids=["int8", "q4k", "fp32-onednn"])
 def test_tree_logits_equal_each_path_alone(make_model):
     """A tree forward's logits at every node equal, bitwise, the same path decoded alone in the same format.
 
@@ -112,7 +121,7 @@ def test_tree_logits_equal_each_path_alone(make_model):
         assert torch.equal(tree[path], alone), f"path {path}: max |diff| {(tree[path] - alone).abs().max():.3g}"
 
 
-@pytest.mark.parametrize("make_model", [int8_model, fast_fp32_model], ids=["int8", "fp32-onednn"])
+@pytest.mark.parametrize("make_model", [int8_model, q4k_model, fast_fp32_model], ids=["int8", "q4k", "fp32-onednn"])
 def test_rows_of_a_batch_equal_each_row_alone(make_model):
     """Other sequences of a batch (other lengths, other tokens) never change a row's logits, bitwise."""
     model = make_model(seed=5, hidden=256)
@@ -130,9 +139,10 @@ def test_rows_of_a_batch_equal_each_row_alone(make_model):
         assert torch.equal(decode_alone(model, prompt, tokens[row].tolist()), chain[row])
 
 
+@pytest.mark.parametrize("make_model", [int8_model, q4k_model], ids=["int8", "q4k"])
 @pytest.mark.parametrize("policy", ["chain:gamma=3", "eagle2:total_tokens=12,depth=3,top_k=3"])
-def test_speculative_decoding_of_an_int8_target_equals_its_plain_decoding(policy):
-    target = int8_model(seed=4)
+def test_speculative_decoding_of_a_quantized_target_equals_its_plain_decoding(policy, make_model):
+    target = make_model(seed=4)
     draft = tiny_model("qwen2", seed=4, layers=1, sharpen=4.0).float()
     gen = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy="ar")
     prompts = [[5, 6, 7, 8, 9], [20, 21, 22]]
@@ -141,21 +151,24 @@ def test_speculative_decoding_of_an_int8_target_equals_its_plain_decoding(policy
     assert [r.token_ids for r in spec.generate_batch(prompts, max_new_tokens=20)] == plain
 
 
-def test_cli_generates_with_an_int8_target(tmp_path, capsys):
-    """`--target-dtype int8` end to end on a tiny saved model: speculative output equals int8 plain decoding."""
+@pytest.mark.parametrize("dtype", ["int8", "q4k"])
+def test_cli_generates_with_a_quantized_target(tmp_path, capsys, dtype):
+    """`--target-dtype int8|q4k` end to end on a tiny saved model: speculative output equals the format's plain
+    decoding."""
     import json
 
     from castspec.cli import main
     from tests.test_cli import save_tiny
 
-    target, draft = save_tiny(tmp_path / "t", seed=0), save_tiny(tmp_path / "d", seed=0, layers=1)
-    code = main(["generate", "--target", target, "--draft", draft, "--target-dtype", "int8", "--policy", "chain",
+    hidden = 256 if dtype == "q4k" else 32  # q4k's blocks hold 256 inputs
+    target, draft = save_tiny(tmp_path / "t", seed=0, hidden=hidden), save_tiny(tmp_path / "d", seed=0, layers=1)
+    code = main(["generate", "--target", target, "--draft", draft, "--target-dtype", dtype, "--policy", "chain",
                  "--prompt", "hello world", "--max-new-tokens", "10", "--json", "--compare"])
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["ar"]["identical"] is True and result["new_tokens"] == 10
 
 
-@pytest.mark.parametrize("make_model", [int8_model, fast_fp32_model], ids=["int8", "fp32-onednn"])
+@pytest.mark.parametrize("make_model", [int8_model, q4k_model, fast_fp32_model], ids=["int8", "q4k", "fp32-onednn"])
 def test_a_long_prefill_read_causally_equals_decoding(make_model):
     """A prompt long enough that prefill attention is computed in causal slices (each reads only the key chunks
     its queries can see, `attention.CAUSAL_SLICE`): its last logits equal, bitwise, the last token decoded alone

@@ -44,7 +44,7 @@ def _cpu_flags() -> set[str]:
 
 
 def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    return shutil.which(os.environ.get("CXX") or "g++") or shutil.which("c++")
 
 
 def _build_dir() -> Path:

@@ -1,0 +1,163 @@
+"""The q4k format: GGUF Q4_K/Q6_K blocks x int8 activations, exact to itself (rows never see their neighbours)."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from castspec.errors import CastspecError
+from castspec.models.gguf_format import (
+    GGUFLinear,
+    dequantize,
+    quantize_q4k,
+    quantize_q6k,
+    repack_q4k,
+    use_gguf_linears,
+)
+from castspec.models.native import unavailable_reason
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+
+GGML = gguf.GGMLQuantizationType
+
+
+def weight(out: int = 96, k: int = 512, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((out, k)).astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype, quantize, tolerance", [("Q4_K", quantize_q4k, 0.1), ("Q6_K", quantize_q6k, 0.03)])
+def test_quantizers_write_blocks_gguf_reads_back(qtype, quantize, tolerance):
+    """Our blocks are valid GGUF blocks: the gguf package dequantizes them to (near) the original weight."""
+    w = weight()
+    back = gguf.quants.dequantize(quantize(w), GGML[qtype]).reshape(w.shape)
+    assert np.linalg.norm(back - w) / np.linalg.norm(w) < tolerance
+
+
+def test_repacking_q4k_keeps_every_weight():
+    blocks = quantize_q4k(weight())
+    assert np.array_equal(dequantize(repack_q4k(blocks), "Q4_K", 512),
+                          gguf.quants.dequantize(blocks, GGML.Q4_K).reshape(96, 512))
+
+
+def gguf_linear(qtype: str, bias: bool = True, out: int = 96, k: int = 512) -> GGUFLinear:
+    w = weight(out, k)
+    blocks = repack_q4k(quantize_q4k(w)) if qtype == "Q4_K" else quantize_q6k(w)
+    b = torch.randn(out, generator=torch.Generator().manual_seed(1)) if bias else None
+    return GGUFLinear(torch.from_numpy(blocks), qtype, k, out, b)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_gguf_linear_computes_the_product_with_its_blocks(qtype):
+    lin = gguf_linear(qtype)
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(2))
+    ref = x @ lin.dequantized().T + lin.bias
+    assert ((lin(x) - ref).norm() / ref.norm()).item() < 0.02  # only the int8 activations differ
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_gguf_rows_are_bitwise_independent_of_their_neighbours_and_threads(qtype):
+    """Any row count (tiles of 4 and every remainder), a sibling with a far larger range, one thread or two: a row's
+    output is the same bits."""
+    lin = gguf_linear(qtype)
+    x = torch.randn(11, 512, generator=torch.Generator().manual_seed(3))
+    x[3] *= 50.0
+    alone = torch.cat([lin(x[i: i + 1]) for i in range(11)])
+    for n in range(2, 12):
+        assert torch.equal(lin(x[:n]), alone[:n]), n
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(lin(x), alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_gguf_linear_refuses_blocks_of_the_wrong_shape():
+    with pytest.raises(ValueError, match="do not fit"):
+        GGUFLinear(torch.zeros(96, 148, dtype=torch.uint8), "Q4_K", 512, 96)
+
+
+def tiny(arch: str, seed: int = 0):
+    from tests.conftest import tiny_model
+
+    return tiny_model(arch, seed=seed, hidden=256, sharpen=4.0).float()
+
+
+def write_gguf(model: nn.Module, path, arch: str, reorder: bool = True) -> None:
+    """A GGUF of `model`'s linears (Q4_K, lm_head Q6_K) laid out as llama.cpp writes them, and the model's weights
+    set to what those blocks dequantize to (as transformers loads a GGUF)."""
+    from castspec.models.gguf_format import _gguf_name, _llama_row_order
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        qtype = GGML.Q6_K if name == "lm_head" else GGML.Q4_K
+        raw = (quantize_q6k if name == "lm_head" else quantize_q4k)(module.weight.detach().numpy())
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(module.weight.shape)))
+        if reorder and arch == "llama" and name.endswith(("q_proj", "k_proj")):
+            heads = model.config.num_attention_heads if name.endswith("q_proj") else model.config.num_key_value_heads
+            stored = np.empty_like(raw)
+            stored[_llama_row_order(raw.shape[0], heads)] = raw
+            raw = stored
+        writer.add_tensor(_gguf_name(name), raw, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_weights_come_from_the_gguf_blocks(tmp_path, arch):
+    """Each linear runs exactly its GGUF tensor's blocks (Llama's q/k rows put back in HF order)."""
+    model = tiny(arch)
+    write_gguf(model, tmp_path / "m.gguf", arch)
+    dense = {name: m.weight.detach().clone() for name, m in model.named_modules() if type(m) is nn.Linear}
+    assert use_gguf_linears(model, tmp_path / "m.gguf") == len(dense)
+    for name, module in model.named_modules():
+        if name in dense:
+            assert isinstance(module, GGUFLinear) and torch.equal(module.dequantized(), dense[name]), name
+
+
+def test_a_gguf_that_is_not_the_model_is_refused(tmp_path):
+    """A file whose blocks are not the model's weights (here: Llama q/k rows left in llama.cpp's order) is a clear
+    error, never a silently different model."""
+    model = tiny("llama")
+    write_gguf(model, tmp_path / "m.gguf", "llama", reorder=False)
+    with pytest.raises(CastspecError, match="not the model's weights"):
+        use_gguf_linears(model, tmp_path / "m.gguf")
+
+
+def test_a_model_without_a_gguf_is_quantized_here():
+    model = tiny("qwen2")
+    use_gguf_linears(model)
+    kinds = {name: m.qtype for name, m in model.named_modules() if isinstance(m, GGUFLinear)}
+    assert kinds["lm_head"] == "Q6_K" and set(kinds.values()) == {"Q4_K", "Q6_K"} and len(kinds) == 2 * 7 + 1
+
+
+def test_q4k_needs_input_sizes_in_whole_blocks():
+    from tests.conftest import tiny_model
+
+    with pytest.raises(CastspecError, match="multiple of 256"):
+        use_gguf_linears(tiny_model("qwen2", seed=0, hidden=64).float())
+
+
+@pytest.mark.parametrize("broken, message", [("cpu", "lacks avx2"), ("compiler", r"need a C\+\+ compiler")])
+def test_where_the_kernels_cannot_run_q4k_is_a_one_line_error(monkeypatch, tmp_path, broken, message):
+    from castspec.models import native
+
+    native._library_or_reason.cache_clear()
+    monkeypatch.setenv("CASTSPEC_HOME", str(tmp_path))  # no library built here yet
+    if broken == "cpu":
+        monkeypatch.setattr(native, "_cpu_flags", lambda: {"fma", "f16c"})
+    else:
+        monkeypatch.setattr(native, "_compiler", lambda: None)
+    try:
+        with pytest.raises(CastspecError, match=message):
+            use_gguf_linears(tiny("qwen2"))
+    finally:
+        native._library_or_reason.cache_clear()
