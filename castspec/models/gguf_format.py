@@ -6,6 +6,8 @@ activations in castspec's own kernels (`castspec/models/native/gguf_kernels.cpp`
 activation scale, exact integer sums, and a fixed reduction order per output. So a token's logits are bitwise the
 same alone or inside any tree or batch — the property speculative decoding needs to be lossless against plain
 decoding in the same format. The arithmetic is the same kind as llama.cpp's (Q8_K activations), not its bits.
+The blocks are reordered once at load into the kernels' layout (8 columns interleaved; Q6_K's 6-bit values one per
+byte).
 
 Weights come from the model's GGUF when there is one (the built-in models'): each HF linear is matched to its GGUF
 tensor by name, its rows reordered where the GGUF's are (Llama's q/k), and layer 0's are checked against the HF
@@ -25,10 +27,11 @@ from torch import nn
 
 from castspec.errors import CastspecError
 
-__all__ = ["GGUFLinear", "quantize_q4k", "quantize_q6k", "use_gguf_linears", "QK"]
+__all__ = ["GGUFLinear", "QK", "dequantize", "quantize_q4k", "quantize_q6k", "use_gguf_linears"]
 
 QK = 256  # weights per block (GGUF super-block)
-Q4K_BYTES, Q4K_PACKED_BYTES, Q6K_BYTES = 144, 148, 210
+GGUF_BYTES = {"Q4_K": 144, "Q6_K": 210}  # per block of 256 weights, as the file stores them
+RECORD_BYTES = {"Q4_K": 1184, "Q6_K": 2192}  # per block of 256 inputs and group of 8 columns, in the kernel's layout
 _HF_TO_GGUF = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -37,22 +40,18 @@ _HF_TO_GGUF = {
 
 
 class GGUFLinear(nn.Module):
-    """y = x W^T (+ b) with W as Q4_K (repacked) or Q6_K blocks, x quantized to int8 per row and block of 256."""
+    """y = x W^T (+ b) with W as Q4_K or Q6_K blocks (interleaved by 8 columns, see the kernel source), x quantized to
+    int8 per row and block of 256."""
 
-    def __init__(self, blocks: torch.Tensor, qtype: str, in_features: int, out_features: int,
-                 bias: torch.Tensor | None = None):
+    def __init__(self, blocks: np.ndarray, qtype: str, bias: torch.Tensor | None = None):
+        """`blocks`: the weight's GGUF blocks [out, in / 256 * bytes per block], as the file stores them."""
         super().__init__()
-        if qtype not in ("Q4_K", "Q6_K"):
-            raise ValueError(f"unsupported block type {qtype}")
-        width = (Q4K_PACKED_BYTES if qtype == "Q4_K" else Q6K_BYTES) * (in_features // QK)
-        if in_features % QK or blocks.dtype != torch.uint8 or tuple(blocks.shape) != (out_features, width):
-            raise ValueError(f"{qtype} blocks of shape {tuple(blocks.shape)} do not fit a {in_features} -> "
-                             f"{out_features} linear")
         from castspec.models.native import library
 
         self._kernels = library()
-        self.qtype, self.in_features, self.out_features = qtype, in_features, out_features
-        self.register_buffer("blocks", blocks.contiguous())
+        self.qtype, self.out_features = qtype, blocks.shape[0]
+        self.in_features = blocks.shape[1] // GGUF_BYTES[qtype] * QK
+        self.register_buffer("blocks", torch.from_numpy(interleave(blocks, qtype)))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,29 +60,35 @@ class GGUFLinear(nn.Module):
         n, k = rows.shape
         quantized = torch.empty(n, k, dtype=torch.int8)
         scales = torch.empty(n, k // QK)
-        sums = torch.empty(n, k // 16, dtype=torch.int16)
-        self._kernels.quantize_rows(rows.data_ptr(), n, k, quantized.data_ptr(), scales.data_ptr(), sums.data_ptr())
-        out = torch.empty(n, self.out_features)
-        matmul = self._kernels.q4k_matmul if self.qtype == "Q4_K" else self._kernels.q6k_matmul
-        matmul(self.blocks.data_ptr(), self.out_features, k, quantized.data_ptr(), scales.data_ptr(),
-               sums.data_ptr(), n, out.data_ptr())
+        sums16 = torch.empty(n, k // 16, dtype=torch.int16)
+        sums32 = torch.empty(n, k // 32, dtype=torch.int16)
+        kernels = self._kernels
+        kernels.quantize_rows(rows.data_ptr(), n, k, quantized.data_ptr(), scales.data_ptr(), sums16.data_ptr(),
+                              sums32.data_ptr())
+        columns = self.blocks.shape[0] * 8
+        out = torch.empty(n, columns)
+        matmul = kernels.q4k_matmul if self.qtype == "Q4_K" else kernels.q6k_matmul
+        matmul(self.blocks.data_ptr(), columns, k, quantized.data_ptr(), scales.data_ptr(), sums16.data_ptr(),
+               sums32.data_ptr(), n, out.data_ptr())
+        if columns != self.out_features:
+            out = out[:, : self.out_features]
         if self.bias is not None:
-            out += self.bias
-        return out.view(*lead, self.out_features).to(x.dtype)
+            out = out + self.bias
+        return out.reshape(*lead, self.out_features).to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
         """The weight as float32 (for checks): exactly what the kernel multiplies with."""
-        return torch.from_numpy(dequantize(self.blocks.numpy(), self.qtype, self.in_features))
+        return torch.from_numpy(deinterleave(self.blocks.numpy(), self.qtype, self.in_features)[: self.out_features])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, " \
                f"bias={self.bias is not None}"
 
 
-# ---------------------------------------------------------------------------------------------- block formats
+# ---------------------------------------------------------------------------------------------- GGUF blocks
 
 def _fp16_bytes(values: np.ndarray) -> np.ndarray:
-    return values.astype(np.float16).view(np.uint8).reshape(*values.shape, 2)
+    return np.ascontiguousarray(values.astype(np.float16)).view(np.uint8).reshape(*values.shape, 2)
 
 
 def quantize_q4k(weight: np.ndarray) -> np.ndarray:
@@ -126,34 +131,97 @@ def quantize_q6k(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(blocks.reshape(out, -1))
 
 
-def repack_q4k(blocks: np.ndarray) -> np.ndarray:
-    """GGUF Q4_K blocks -> the kernel's layout: the 12 bytes of packed 6-bit scales and mins as 8 + 8 bytes."""
+def _decode_q4k(blocks: np.ndarray) -> tuple[np.ndarray, ...]:
+    """GGUF Q4_K blocks -> d, dmin [out, nb] (fp16), scales, mins [out, nb, 8], q [out, nb, 256] (0..15)."""
     out = blocks.shape[0]
-    b = blocks.reshape(out, -1, Q4K_BYTES)
-    packed = b[:, :, 4:16]
+    b = blocks.reshape(out, -1, GGUF_BYTES["Q4_K"])
+    d, dmin = b[..., 0:2].copy().view(np.float16)[..., 0], b[..., 2:4].copy().view(np.float16)[..., 0]
+    packed = b[..., 4:16]
     sc = np.empty(packed.shape[:2] + (8,), np.uint8)
     mn = np.empty_like(sc)
     sc[..., :4], mn[..., :4] = packed[..., 0:4] & 63, packed[..., 4:8] & 63
     sc[..., 4:] = (packed[..., 8:12] & 15) | ((packed[..., 0:4] >> 6) << 4)
     mn[..., 4:] = (packed[..., 8:12] >> 4) | ((packed[..., 4:8] >> 6) << 4)
-    return np.ascontiguousarray(np.concatenate([b[:, :, 0:4], sc, mn, b[:, :, 16:]], axis=-1).reshape(out, -1))
+    nibbles = b[..., 16:].reshape(out, -1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+    return d, dmin, sc, mn, (nibbles & 15).reshape(out, -1, QK)
+
+
+def _decode_q6k(blocks: np.ndarray) -> tuple[np.ndarray, ...]:
+    """GGUF Q6_K blocks -> d [out, nb] (fp16), scales [out, nb, 16] (int8), q [out, nb, 256] (0..63)."""
+    out = blocks.shape[0]
+    b = blocks.reshape(out, -1, GGUF_BYTES["Q6_K"])
+    ql, qh = b[..., :128].reshape(out, -1, 2, 2, 32), b[..., 128:192].reshape(out, -1, 2, 1, 32)
+    low = np.concatenate([ql & 15, ql >> 4], axis=3)  # per half: inputs 0-31, 32-63, 64-95, 96-127
+    high = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3
+    d = b[..., 208:210].copy().view(np.float16)[..., 0]
+    return d, b[..., 192:208].view(np.int8), (low | (high << 4)).reshape(out, -1, QK)
+
+
+def _by_groups(a: np.ndarray) -> np.ndarray:
+    """[out, nb, ...] -> [out/8, 8, nb, ...], zero rows appended to a whole number of groups of 8 columns."""
+    pad = -a.shape[0] % 8
+    if pad:
+        a = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
+    return a.reshape(a.shape[0] // 8, 8, *a.shape[1:])
+
+
+def _per_column(a: np.ndarray) -> np.ndarray:
+    """[G, 8 col, nb, s] -> [G, nb, s * 8]: for each of s entries, the 8 columns' values side by side."""
+    return a.transpose(0, 2, 3, 1).reshape(a.shape[0], a.shape[2], -1)
+
+
+def _halves(d: np.ndarray) -> np.ndarray:
+    """[G, 8 col, nb] scales -> [G, nb, 16] bytes: the 8 columns' fp16 values side by side."""
+    return _fp16_bytes(d.transpose(0, 2, 1)).reshape(d.shape[0], d.shape[2], 16)
+
+
+def interleave(blocks: np.ndarray, qtype: str) -> np.ndarray:
+    """GGUF blocks [out, ...] -> the kernel's layout [ceil(out/8), nb * record] (see gguf_kernels.cpp)."""
+    if qtype == "Q4_K":
+        d, dmin, sc, mn, q = (_by_groups(a) for a in _decode_q4k(blocks))
+        groups, nb = q.shape[0], q.shape[2]
+        q = q.reshape(groups, 8, nb, 8, 4, 2, 4).transpose(0, 2, 3, 4, 1, 6, 5)  # G nb sub g col i half
+        nibbles = (q[..., 0] | (q[..., 1] << 4)).reshape(groups, nb, 1024)
+        parts = [_halves(d), _halves(dmin), _per_column(sc), _per_column(mn), nibbles]
+    elif qtype == "Q6_K":
+        d, sc, q = (_by_groups(a) for a in _decode_q6k(blocks))
+        groups, nb = q.shape[0], q.shape[2]
+        q = q.reshape(groups, 8, nb, 32, 2, 4).transpose(0, 2, 3, 4, 1, 5)  # G nb g half col i
+        parts = [_halves(d), _per_column(sc.view(np.uint8)), q.reshape(groups, nb, 2048)]
+    else:
+        raise ValueError(f"unsupported block type {qtype}")
+    return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(parts[0].shape[0], -1))
+
+
+def deinterleave(records: np.ndarray, qtype: str, in_features: int) -> np.ndarray:
+    """The kernel's layout -> float32 weights [ceil(out/8)*8, in] (what the kernel multiplies with)."""
+    groups, nb = records.shape[0], in_features // QK
+    r = records.reshape(groups, nb, RECORD_BYTES[qtype])
+
+    def columns(part: np.ndarray, dtype) -> np.ndarray:  # [G, nb, s*8 (*2 for fp16)] -> [G*8, nb, s]
+        values = np.ascontiguousarray(part).view(dtype)
+        return values.reshape(groups, nb, -1, 8).transpose(0, 3, 1, 2).reshape(groups * 8, nb, -1)
+
+    if qtype == "Q4_K":
+        d, dmin = columns(r[..., 0:16], np.float16)[..., 0], columns(r[..., 16:32], np.float16)[..., 0]
+        sc, mn = columns(r[..., 32:96], np.uint8), columns(r[..., 96:160], np.uint8)
+        nib = r[..., 160:].reshape(groups, nb, 8, 4, 8, 4)  # G nb sub g col i
+        q = np.stack([nib & 15, nib >> 4], axis=-1).transpose(0, 4, 1, 2, 3, 6, 5)  # G col nb sub g half i
+        q = q.reshape(groups * 8, nb, 8, 32).astype(np.float32)
+        w = (d.astype(np.float32)[..., None] * sc)[..., None] * q - (dmin.astype(np.float32)[..., None] * mn)[..., None]
+    else:
+        d, sc = columns(r[..., 0:16], np.float16)[..., 0], columns(r[..., 16:144], np.int8)
+        q = r[..., 144:].reshape(groups, nb, 32, 2, 8, 4).transpose(0, 4, 1, 2, 3, 5)  # G col nb g half i
+        q = q.reshape(groups * 8, nb, 16, 16).astype(np.float32) - 32
+        w = (d.astype(np.float32)[..., None] * sc)[..., None] * q
+    return w.reshape(groups * 8, in_features)
 
 
 def dequantize(blocks: np.ndarray, qtype: str, in_features: int) -> np.ndarray:
-    """float32 weights of kernel-layout blocks (repacked Q4_K, or Q6_K)."""
-    out = blocks.shape[0]
-    if qtype == "Q4_K":
-        b = blocks.reshape(out, -1, Q4K_PACKED_BYTES)
-        d = b[..., 0:2].copy().view(np.float16).astype(np.float32)
-        dmin = b[..., 2:4].copy().view(np.float16).astype(np.float32)
-        sc, mn = b[..., 4:12].astype(np.float32), b[..., 12:20].astype(np.float32)
-        qs = b[..., 20:].reshape(out, -1, 4, 1, 32)
-        q = ((qs >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)) & 15).reshape(out, -1, 8, 32)
-        w = (d * sc)[..., None] * q.astype(np.float32) - (dmin * mn)[..., None]
-        return w.reshape(out, in_features)
+    """float32 weights of GGUF blocks, as llama.cpp and transformers dequantize them."""
     import gguf
 
-    return gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q6_K).reshape(out, in_features)
+    return gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]).reshape(blocks.shape[0], in_features)
 
 
 # ---------------------------------------------------------------------------------------------- model surgery
@@ -196,7 +264,7 @@ def _blocks_from_gguf(tensor, order: np.ndarray | None) -> tuple[np.ndarray, str
     data = np.asarray(tensor.data)
     if order is not None:
         data = data[order]
-    return (repack_q4k(data) if qtype == "Q4_K" else np.array(data, copy=True)), qtype
+    return data, qtype
 
 
 def _check_same_weight(name: str, module: nn.Module, blocks: np.ndarray, qtype: str, rows: int = 256) -> None:
@@ -239,7 +307,7 @@ def use_gguf_linears(model: nn.Module, gguf_path: str | Path | None = None) -> i
         if reader is None:
             qtype = "Q6_K" if name == "lm_head" else "Q4_K"
             raw = weight.float().numpy()
-            blocks = quantize_q6k(raw) if qtype == "Q6_K" else repack_q4k(quantize_q4k(raw))
+            blocks = quantize_q6k(raw) if qtype == "Q6_K" else quantize_q4k(raw)
         else:
             key = _gguf_name(name)
             if key == "output.weight" and key not in tensors:
@@ -249,7 +317,6 @@ def use_gguf_linears(model: nn.Module, gguf_path: str | Path | None = None) -> i
             blocks, qtype = _blocks_from_gguf(tensors[key], _row_order(model, arch, name, weight.shape[0]))
             if re.fullmatch(r"model\.layers\.0\..+|lm_head", name):
                 _check_same_weight(name, module, blocks, qtype)
-        replacements[id(module)] = GGUFLinear(torch.from_numpy(blocks), qtype, weight.shape[1], weight.shape[0],
-                                              None if bias is None else bias.detach())
+        replacements[id(module)] = GGUFLinear(blocks, qtype, None if bias is None else bias.detach())
     del slots
     return _replace_modules(model, lambda module: replacements.pop(id(module), None))

@@ -1,24 +1,33 @@
 // castspec's CPU kernels for the GGUF's own quantized weights (Q4_K, Q6_K) times int8 activations, AVX2.
 //
-// Why: the packaged models ship as Q4_K_M GGUF files. Running their blocks as they are reads ~1 GB per token
-// instead of 6 GB (fp32) or 1.5 GB (int8), and the weights are not rounded a second time.
+// Why: the packaged models ship as Q4_K_M GGUF files. Running their blocks reads ~1.1 GB per token instead of 6 GB
+// (fp32) or 1.5 GB (int8), and the weights are not rounded a second time.
 //
 // Exact to itself: activations are quantized per row and per block of 256 (scale = max|x| / 127, as llama.cpp's
-// Q8_K does), integer sums are exact, and each output (row, column) is reduced in one fixed order whatever the
+// Q8_K does); integer sums are exact; and each output (row, column) is reduced in one fixed order whatever the
 // number of rows, the tile a row falls in or the thread that computes it. So a token's result is bitwise the same
 // alone or beside any other tokens (tree siblings, other sequences).
 //
-// Layouts: Q6_K blocks are the GGUF's (ql[128] qh[64] scales int8[16] d fp16 = 210 bytes per 256 weights). Q4_K
-// blocks are repacked once at load (d fp16, dmin fp16, 8 scales u8, 8 mins u8, qs[128] = 148 bytes) so the packed
-// 6-bit scales are not unpacked every step. weight = d * scale * q - dmin * min (Q4_K); d * scale * (q - 32) (Q6_K).
-// Built once per machine by castspec/models/native.py.
+// Layouts (made once at load by castspec/models/gguf_format.py): weights are interleaved by groups of 8 output
+// columns so that one 32-byte vector holds 4 consecutive inputs of each of the 8 columns; one maddubs against 4
+// broadcast activation bytes then feeds 8 columns at once and results need no horizontal sums. Per super-block of
+// 256 inputs and group of 8 columns:
+//   Q4_K: d f16[8], dmin f16[8], scales u8[8 sub][8 col], mins u8[8][8], nibbles [8 sub][4 g][32]   = 1184 bytes
+//         (byte c*4+i of vector g: low nibble input g*8+i, high nibble input g*8+4+i of column c)
+//         weight = d * scale * q - dmin * min, q in 0..15, one scale and min per 32 inputs
+//   Q6_K: d f16[8], scales i8[16 sub][8 col], q u8 [32 g][2 h][32]                                   = 2192 bytes
+//         (q in 0..63 kept one per byte: unpacking 6-bit values cost more than the extra bytes)
+//         weight = d * scale * (q - 32), one scale per 16 inputs
+// Integer headroom: a maddubs lane is at most 2 * 15 * 127 (Q4) or 2 * 63 * 127 (Q6); Q4 adds 8 of them in int16
+// (30480 < 32767) before one multiply by the scale, Q6 two (32004).
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-// Activations: per row, per 256-block int8 (scale amax/127), bsum per 16.
-extern "C" void quantize_rows(const float* x, int64_t n, int64_t k, int8_t* xq, float* xs, int16_t* bsum) {
+// Activations: per row, per 256-block: int8 (scale amax/127), sums per 16 and per 32.
+extern "C" void quantize_rows(const float* x, int64_t n, int64_t k, int8_t* xq, float* xs, int16_t* bsum16,
+                              int16_t* bsum32) {
     int64_t nb = k / 256;
 #pragma omp parallel for schedule(static) if (n * k > 65536)
     for (int64_t rb = 0; rb < n * nb; rb++) {
@@ -26,122 +35,170 @@ extern "C" void quantize_rows(const float* x, int64_t n, int64_t k, int8_t* xq, 
         __m256 mx = _mm256_setzero_ps();
         const __m256 sign = _mm256_set1_ps(-0.0f);
         for (int i = 0; i < 256; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
-        float t[8]; _mm256_storeu_ps(t, mx);
-        float amax = 0.f; for (int i = 0; i < 8; i++) amax = t[i] > amax ? t[i] : amax;
+        float t[8];
+        _mm256_storeu_ps(t, mx);
+        float amax = 0.f;
+        for (int i = 0; i < 8; i++) amax = t[i] > amax ? t[i] : amax;
         float inv = amax > 0 ? 127.f / amax : 0.f;
         xs[rb] = amax / 127.f;
         int8_t* q = xq + rb * 256;
         for (int i = 0; i < 256; i++) q[i] = (int8_t)nearbyintf(v[i] * inv);
-        for (int j = 0; j < 16; j++) { int s = 0; for (int i = 0; i < 16; i++) s += q[j * 16 + i]; bsum[rb * 16 + j] = (int16_t)s; }
+        for (int j = 0; j < 16; j++) {
+            int s = 0;
+            for (int i = 0; i < 16; i++) s += q[j * 16 + i];
+            bsum16[rb * 16 + j] = (int16_t)s;
+        }
+        for (int j = 0; j < 8; j++) bsum32[rb * 8 + j] = (int16_t)(bsum16[rb * 16 + 2 * j] + bsum16[rb * 16 + 2 * j + 1]);
     }
 }
 
-static inline float hsum8(__m256 v) {
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
+static inline __m256i bcast32(const int8_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
 }
 
-// repacked q4k block: d f16, dmin f16, sc u8[8], m u8[8], qs[128] = 148 bytes
-#define Q4B 148
-template <int NR>
-static inline void q4k_tile(const uint8_t* w, int64_t nb, const int8_t* xq, const float* xs, const int16_t* bs, int64_t k,
-                            float* out, int64_t ldo) {
-    __m256 acc[NR], accm[NR];
-    for (int r = 0; r < NR; r++) { acc[r] = _mm256_setzero_ps(); accm[r] = _mm256_setzero_ps(); }
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* blk = w + b * Q4B;
-        uint16_t dh, mh; memcpy(&dh, blk, 2); memcpy(&mh, blk + 2, 2);
-        const float d = _cvtsh_ss(dh), dmin = _cvtsh_ss(mh);
-        const uint8_t* sc = blk + 4;
-        __m128i mins8 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(blk + 12)));
-        __m256i mins16 = _mm256_setr_m128i(_mm_unpacklo_epi16(mins8, mins8), _mm_unpackhi_epi16(mins8, mins8));
-        const uint8_t* qs = blk + 20;
-        __m256i sumi[NR];
-        for (int r = 0; r < NR; r++) sumi[r] = _mm256_setzero_si256();
-        for (int j = 0; j < 4; j++) {
-            __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
-            __m256i lo = _mm256_and_si256(q, m4);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            __m256i s_lo = _mm256_set1_epi16(sc[2 * j]), s_hi = _mm256_set1_epi16(sc[2 * j + 1]);
-            for (int r = 0; r < NR; r++) {
-                const int8_t* xr = xq + r * k + b * 256 + 64 * j;
-                __m256i p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)xr)), s_lo);
-                __m256i p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xr + 32))), s_hi);
-                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p_lo, p_hi));
-            }
-        }
-        for (int r = 0; r < NR; r++) {
-            const float s = xs[r * nb + b];
-            __m256i mm = _mm256_madd_epi16(mins16, _mm256_loadu_si256((const __m256i*)(bs + (r * nb + b) * 16)));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * s), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-            accm[r] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * s), _mm256_cvtepi32_ps(mm), accm[r]);
-        }
-    }
-    for (int r = 0; r < NR; r++) out[r * ldo] = hsum8(acc[r]) - hsum8(accm[r]);
+static inline __m256i bcast32_16(const int16_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
 }
 
-// q6k block (GGUF layout): ql[128] qh[64] scales i8[16] d f16 = 210 bytes
+// (v, v) int16 pairs per 32-bit lane from 8 unsigned / signed bytes
+static inline __m256i pair_u8(const uint8_t* p) {
+    __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+    return _mm256_or_si256(x, _mm256_slli_epi32(x, 16));
+}
+static inline __m256i pair2_u8(const uint8_t* a, const uint8_t* b) {
+    __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)a));
+    __m256i y = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)b));
+    return _mm256_or_si256(x, _mm256_slli_epi32(y, 16));
+}
+static inline __m256i pair_i8(const int8_t* p) {
+    __m256i x = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p));
+    return _mm256_or_si256(_mm256_and_si256(x, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(x, 16));
+}
+static inline __m256i pair2_i8(const int8_t* a, const int8_t* b) {
+    __m256i x = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)a));
+    __m256i y = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)b));
+    return _mm256_or_si256(_mm256_and_si256(x, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(y, 16));
+}
+
+// Q4_K x8 record per super-block: d f16[8], dmin f16[8], sc u8[8][8], mn u8[8][8], qs[8][4][32] = 1184 bytes
+#define Q4X8 1184
 template <int NR>
-static inline void q6k_tile(const uint8_t* w, int64_t nb, const int8_t* xq, const float* xs, const int16_t* bs, int64_t k,
-                            float* out, int64_t ldo) {
+static inline void q4k_tile(const uint8_t* w, int64_t nb, const int8_t* xq, const float* xs, const int16_t* b32,
+                            int64_t k, float* out, int64_t ldo) {
     __m256 acc[NR];
     for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(0x03);
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* blk = w + b * 210;
-        const uint8_t* ql = blk; const uint8_t* qh = blk + 128;
-        const int8_t* scl = (const int8_t*)(blk + 192);
-        uint16_t dh; memcpy(&dh, blk + 208, 2);
-        const float d = _cvtsh_ss(dh);
-        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)scl));
+        const uint8_t* rec = w + b * Q4X8;
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)rec));
+        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rec + 16)));
+        const uint8_t* sc = rec + 32;
+        const uint8_t* mn = rec + 96;
+        const uint8_t* qs = rec + 160;
         __m256i sumi[NR];
-        for (int r = 0; r < NR; r++) {
-            __m256i c = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i*)(bs + (r * nb + b) * 16)));
-            sumi[r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(c, 5));
-        }
-        for (int h = 0; h < 2; h++) {
-            __m256i l0 = _mm256_loadu_si256((const __m256i*)(ql + 64 * h));
-            __m256i l1 = _mm256_loadu_si256((const __m256i*)(ql + 64 * h + 32));
-            __m256i hh = _mm256_loadu_si256((const __m256i*)(qh + 32 * h));
-            __m256i q[4];
-            q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hh, m3), 4));
-            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hh, 2), m3), 4));
-            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hh, 4), m3), 4));
-            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hh, 6), m3), 4));
-            for (int t = 0; t < 4; t++) {
-                int ks = h * 8 + 2 * t;
-                __m256i sv = _mm256_setr_m128i(_mm_set1_epi16(scl[ks]), _mm_set1_epi16(scl[ks + 1]));
+        for (int r = 0; r < NR; r++) sumi[r] = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            __m256i a16[NR];
+            for (int r = 0; r < NR; r++) a16[r] = _mm256_setzero_si256();
+            for (int g = 0; g < 4; g++) {
+                __m256i q = _mm256_loadu_si256((const __m256i*)(qs + j * 128 + g * 32));
+                __m256i lo = _mm256_and_si256(q, m4);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
                 for (int r = 0; r < NR; r++) {
-                    const int8_t* xr = xq + r * k + b * 256 + 128 * h + 32 * t;
-                    __m256i p = _mm256_maddubs_epi16(q[t], _mm256_loadu_si256((const __m256i*)xr));
-                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p, sv));
+                    const int8_t* xo = xq + r * k + b * 256 + j * 32 + g * 8;
+                    a16[r] = _mm256_add_epi16(a16[r], _mm256_maddubs_epi16(lo, bcast32(xo)));
+                    a16[r] = _mm256_add_epi16(a16[r], _mm256_maddubs_epi16(hi, bcast32(xo + 4)));
+                }
+            }
+            const __m256i scv = pair_u8(sc + j * 8);
+            for (int r = 0; r < NR; r++) sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(a16[r], scv));
+        }
+        __m256i mm[NR];
+        for (int r = 0; r < NR; r++) mm[r] = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j += 2) {
+            const __m256i mnv = pair2_u8(mn + j * 8, mn + (j + 1) * 8);
+            for (int r = 0; r < NR; r++)
+                mm[r] = _mm256_add_epi32(mm[r], _mm256_madd_epi16(mnv, bcast32_16(b32 + (r * nb + b) * 8 + j)));
+        }
+        for (int r = 0; r < NR; r++) {
+            const __m256 s = _mm256_set1_ps(xs[r * nb + b]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_mul_ps(dv, s), acc[r]);
+            acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mm[r]), _mm256_mul_ps(mv, s), acc[r]);
+        }
+    }
+    for (int r = 0; r < NR; r++) _mm256_storeu_ps(out + r * ldo, acc[r]);
+}
+
+#define Q6X8 2192
+template <int NR>
+static inline void q6k_tile(const uint8_t* w, int64_t nb, const int8_t* xq, const float* xs, const int16_t* b16,
+                            int64_t k, float* out, int64_t ldo) {
+    __m256 acc[NR];
+    for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* rec = w + b * Q6X8;
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)rec));
+        const int8_t* sc = (const int8_t*)(rec + 16);
+        const uint8_t* qv = rec + 144;
+        __m256i sumi[NR];
+        for (int r = 0; r < NR; r++) sumi[r] = _mm256_setzero_si256();
+        for (int s16 = 0; s16 < 16; s16++) {
+            const __m256i scv = pair_i8(sc + s16 * 8);
+            for (int gg = 0; gg < 2; gg++) {
+                const int g = s16 * 2 + gg;  // group of 8 k
+                const __m256i lo = _mm256_loadu_si256((const __m256i*)(qv + g * 64));
+                const __m256i hi = _mm256_loadu_si256((const __m256i*)(qv + g * 64 + 32));
+                for (int r = 0; r < NR; r++) {
+                    const int8_t* xo = xq + r * k + b * 256 + g * 8;
+                    __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast32(xo)),
+                                                 _mm256_maddubs_epi16(hi, bcast32(xo + 4)));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(t, scv));
                 }
             }
         }
-        for (int r = 0; r < NR; r++)
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xs[r * nb + b]), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        __m256i cc[NR];
+        for (int r = 0; r < NR; r++) cc[r] = _mm256_setzero_si256();
+        for (int j = 0; j < 16; j += 2) {
+            const __m256i sv = pair2_i8(sc + j * 8, sc + (j + 1) * 8);
+            for (int r = 0; r < NR; r++)
+                cc[r] = _mm256_add_epi32(cc[r], _mm256_madd_epi16(sv, bcast32_16(b16 + (r * nb + b) * 16 + j)));
+        }
+        for (int r = 0; r < NR; r++) {
+            const __m256i tot = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(cc[r], 5));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_mul_ps(dv, _mm256_set1_ps(xs[r * nb + b])), acc[r]);
+        }
     }
-    for (int r = 0; r < NR; r++) out[r * ldo] = hsum8(acc[r]);
+    for (int r = 0; r < NR; r++) _mm256_storeu_ps(out + r * ldo, acc[r]);
 }
 
-#define TILE 4  // rows per tile: each weight block is unpacked once per tile
-#define DISPATCH(KERNEL, BYTES)                                                                                   \
-    int64_t nb = k / 256;                                                                                         \
-    _Pragma("omp parallel for schedule(static)") for (int64_t o = 0; o < m; o++) {                                \
-        const uint8_t* wr = w + o * nb * BYTES;                                                                   \
-        int64_t r = 0;                                                                                            \
-        for (; r + TILE <= n; r += TILE) KERNEL<TILE>(wr, nb, xq + r * k, xs + r * nb, bs + r * nb * 16, k, out + r * m + o, m); \
-        switch (n - r) {                                                                                          \
-            case 3: KERNEL<3>(wr, nb, xq + r * k, xs + r * nb, bs + r * nb * 16, k, out + r * m + o, m); break;  \
-            case 2: KERNEL<2>(wr, nb, xq + r * k, xs + r * nb, bs + r * nb * 16, k, out + r * m + o, m); break;  \
-            case 1: KERNEL<1>(wr, nb, xq + r * k, xs + r * nb, bs + r * nb * 16, k, out + r * m + o, m); break;  \
-        }                                                                                                         \
+#define TILE 4
+#define ROW_CHUNK 64
+#define DISPATCH(KERNEL, BYTES, SUMS, PER)                                                                      \
+    int64_t nb = k / 256, groups = m / 8;                                                                       \
+    for (int64_t r0 = 0; r0 < n; r0 += ROW_CHUNK) {                                                             \
+        int64_t r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;                                                   \
+        _Pragma("omp parallel for schedule(static)") for (int64_t gi = 0; gi < groups; gi++) {                  \
+            const uint8_t* wg = w + gi * nb * BYTES;                                                            \
+            int64_t r = r0;                                                                                     \
+            for (; r + TILE <= r1; r += TILE)                                                                   \
+                KERNEL<TILE>(wg, nb, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * m + gi * 8, m); \
+            switch (r1 - r) {                                                                                   \
+                case 3: KERNEL<3>(wg, nb, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * m + gi * 8, m); break; \
+                case 2: KERNEL<2>(wg, nb, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * m + gi * 8, m); break; \
+                case 1: KERNEL<1>(wg, nb, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * m + gi * 8, m); break; \
+            }                                                                                                   \
+        }                                                                                                       \
     }
 
 extern "C" void q4k_matmul(const uint8_t* w, int64_t m, int64_t k, const int8_t* xq, const float* xs,
-                           const int16_t* bs, int64_t n, float* out) { DISPATCH(q4k_tile, Q4B) }
+                           const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out) {
+    DISPATCH(q4k_tile, Q4X8, bsum32, 8)
+}
 extern "C" void q6k_matmul(const uint8_t* w, int64_t m, int64_t k, const int8_t* xq, const float* xs,
-                           const int16_t* bs, int64_t n, float* out) { DISPATCH(q6k_tile, 210) }
+                           const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out) {
+    DISPATCH(q6k_tile, Q6X8, bsum16, 16)
+}
