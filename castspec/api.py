@@ -127,6 +127,8 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
         quantize_int8_rows(target_model)
     elif target_dtype == "q4k":
         use_gguf_linears(target_model, gguf_of(target))
+        if fast_kernels:  # q4k is its own format: lean layers keep it exact to itself (each op is per row)
+            use_lean_layers(target_model)
     if on_cpu and draft_model is not None and draft_quant == "int8":
         quantize_draft_int8(draft_model)
     if on_cpu and fast_kernels:

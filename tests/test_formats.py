@@ -74,11 +74,16 @@ def decode_alone(model, prefix: list[int], path: list[int]) -> torch.Tensor:
 
 
 def q4k_model(seed: int, hidden: int = 256):
-    """The q4k format on a tiny model (quantized here: it has no GGUF); its linears need inputs in blocks of 256."""
+    """The q4k format as `load_generator` makes it, on a tiny model (quantized here: it has no GGUF; its linears
+    need inputs in blocks of 256): GGUF linears, lean layers (sibling projections share one quantized input)."""
+    from castspec.models.attention import use_tree_attention
     from castspec.models.gguf_format import use_gguf_linears
+    from castspec.models.lean import use_lean_layers
 
     model = tiny_model("qwen2", seed=seed, hidden=max(hidden, 256), sharpen=4.0).float()
+    use_tree_attention(model)
     assert use_gguf_linears(model) == 2 * 7 + 1
+    assert use_lean_layers(model) == 2
     return model
 
 
@@ -109,7 +114,7 @@ def test_tree_logits_equal_each_path_alone(make_model):
         mask[0, node] = mask[0, parent] if parent >= 0 else mask[0, node]
         mask[0, node, node] = True
     runner = CausalLMRunner(model)
-    assert describe_kernels(model).endswith("+tree-attn")
+    assert "+tree-attn" in describe_kernels(model)
     runner.prefill([prefix])
     runner.begin_block()
     tree = runner.forward(tokens, torch.tensor([[len(prefix) + d for d in depth]]), mask)[0]

@@ -161,3 +161,14 @@ def test_where_the_kernels_cannot_run_q4k_is_a_one_line_error(monkeypatch, tmp_p
             use_gguf_linears(tiny("qwen2"))
     finally:
         native._library_or_reason.cache_clear()
+
+
+def test_sibling_projections_sharing_one_quantized_input_equal_each_alone():
+    """q/k/v (mixed Q4_K and Q6_K, with biases) through `projections`: one quantization of the input, each member's
+    columns of one output, bitwise what each member gives alone."""
+    from castspec.models.gguf_format import can_share_input, projections
+
+    members = [gguf_linear("Q4_K", out=64), gguf_linear("Q4_K", out=16), gguf_linear("Q6_K", out=16)]
+    x = torch.randn(2, 3, 512, generator=torch.Generator().manual_seed(4))
+    assert can_share_input(members) and not can_share_input([gguf_linear("Q4_K")])  # 99 columns: not whole groups
+    assert torch.equal(projections(members, x), torch.cat([m(x) for m in members], dim=-1))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +40,49 @@ _HF_TO_GGUF = {
 }
 
 
+class QuantizedRows(NamedTuple):
+    """Activations as the kernels take them: int8 per row and block of 256, with each block's scale and sums."""
+
+    values: torch.Tensor  # [n, k] int8
+    scales: torch.Tensor  # [n, k / 256] float32
+    sums16: torch.Tensor  # [n, k / 16] int16: sums of values per 16
+    sums32: torch.Tensor  # [n, k / 32] int16: per 32
+    count: int
+
+
+def quantize_rows(x: torch.Tensor, kernels) -> QuantizedRows:
+    rows = x.float().contiguous()
+    n, k = rows.shape
+    quantized = QuantizedRows(torch.empty(n, k, dtype=torch.int8), torch.empty(n, k // QK),
+                              torch.empty(n, k // 16, dtype=torch.int16), torch.empty(n, k // 32, dtype=torch.int16), n)
+    kernels.quantize_rows(rows.data_ptr(), n, k, quantized.values.data_ptr(), quantized.scales.data_ptr(),
+                          quantized.sums16.data_ptr(), quantized.sums32.data_ptr())
+    return quantized
+
+
+def projections(members: list[GGUFLinear], x: torch.Tensor) -> torch.Tensor:
+    """Sibling projections of one input (q/k/v, gate/up) side by side: the input is quantized once and each
+    member's kernel writes its own columns of one output. Bitwise the same as calling each member (a column's result
+    depends on its own blocks and the row only)."""
+    lead = x.shape[:-1]
+    rows = quantize_rows(x.reshape(-1, members[0].in_features), members[0]._kernels)
+    out = torch.empty(rows.count, sum(m.out_features for m in members))
+    start = 0
+    for member in members:
+        part = out[:, start: start + member.out_features]
+        member.multiply_into(rows, part)
+        if member.bias is not None:
+            part += member.bias
+        start += member.out_features
+    return out.reshape(*lead, out.shape[1]).to(x.dtype)
+
+
+def can_share_input(members: list[nn.Module]) -> bool:
+    """`projections` applies: GGUF linears of one input size whose outputs fill whole groups of 8 columns."""
+    return all(isinstance(m, GGUFLinear) and m.out_features % 8 == 0 and m.in_features == members[0].in_features
+               for m in members)
+
+
 class GGUFLinear(nn.Module):
     """y = x W^T (+ b) with W as Q4_K or Q6_K blocks (interleaved by 8 columns, see the kernel source), x quantized to
     int8 per row and block of 256."""
@@ -56,25 +100,23 @@ class GGUFLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        rows = x.reshape(-1, self.in_features).float().contiguous()
-        n, k = rows.shape
-        quantized = torch.empty(n, k, dtype=torch.int8)
-        scales = torch.empty(n, k // QK)
-        sums16 = torch.empty(n, k // 16, dtype=torch.int16)
-        sums32 = torch.empty(n, k // 32, dtype=torch.int16)
-        kernels = self._kernels
-        kernels.quantize_rows(rows.data_ptr(), n, k, quantized.data_ptr(), scales.data_ptr(), sums16.data_ptr(),
-                              sums32.data_ptr())
+        rows = quantize_rows(x.reshape(-1, self.in_features), self._kernels)
         columns = self.blocks.shape[0] * 8
-        out = torch.empty(n, columns)
-        matmul = kernels.q4k_matmul if self.qtype == "Q4_K" else kernels.q6k_matmul
-        matmul(self.blocks.data_ptr(), columns, k, quantized.data_ptr(), scales.data_ptr(), sums16.data_ptr(),
-               sums32.data_ptr(), n, out.data_ptr())
+        out = torch.empty(rows.count, columns)
+        self.multiply_into(rows, out)
         if columns != self.out_features:
             out = out[:, : self.out_features]
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*lead, self.out_features).to(x.dtype)
+
+    def multiply_into(self, rows: QuantizedRows, out: torch.Tensor) -> None:
+        """Write rows x W^T (no bias) into `out` [n, >= columns], a view whose rows may be longer (one slice of a
+        wider output: sibling projections share one quantized input)."""
+        matmul = self._kernels.q4k_matmul if self.qtype == "Q4_K" else self._kernels.q6k_matmul
+        matmul(self.blocks.data_ptr(), self.blocks.shape[0] * 8, self.in_features, rows.values.data_ptr(),
+               rows.scales.data_ptr(), rows.sums16.data_ptr(), rows.sums32.data_ptr(), rows.count, out.data_ptr(),
+               out.stride(0))
 
     def dequantized(self) -> torch.Tensor:
         """The weight as float32 (for checks): exactly what the kernel multiplies with."""

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from castspec.models.fuse import FusedPart, fuse_projections
+from castspec.models.gguf_format import can_share_input, projections
 
 __all__ = ["LeanDecoderLayer", "use_lean_layers"]
 
@@ -150,6 +151,8 @@ def _dynamic_int8_linear() -> type | None:
 def _projections(parent: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
     """The named projections' outputs side by side: one call of the fused linear when they are one fused group."""
     members = [parent._modules[name] for name in names]
+    if can_share_input(members):
+        return projections(members, x)
     first = members[0]
     if isinstance(first, FusedPart) and "fused" in first._modules and all(
             isinstance(m, FusedPart) and m._group is first._group for m in members):

@@ -95,11 +95,12 @@ def _library_or_reason() -> ctypes.CDLL | str:
     except CastspecError as e:
         return str(e)
     library = ctypes.CDLL(str(target))
-    # quantize_rows(x, n, k, xq, scales, sums16, sums32); q*_matmul(w, m, k, xq, scales, sums16, sums32, n, out)
+    # quantize_rows(x, n, k, xq, scales, sums16, sums32)
+    # q*_matmul(w, m, k, xq, scales, sums16, sums32, n, out, out's row stride)
     library.quantize_rows.argtypes = [_POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER]
     for name in ("q4k_matmul", "q6k_matmul"):
         getattr(library, name).argtypes = [_POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER, _INT64,
-                                           _POINTER]
+                                           _POINTER, _INT64]
     for name in ("quantize_rows", "q4k_matmul", "q6k_matmul"):
         getattr(library, name).restype = None
     return library

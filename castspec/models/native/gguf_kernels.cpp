@@ -185,20 +185,20 @@ static inline void q6k_tile(const uint8_t* w, int64_t nb, const int8_t* xq, cons
             const uint8_t* wg = w + gi * nb * BYTES;                                                            \
             int64_t r = r0;                                                                                     \
             for (; r + TILE <= r1; r += TILE)                                                                   \
-                KERNEL<TILE>(wg, nb, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * m + gi * 8, m); \
+                KERNEL<TILE>(wg, nb, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * ldo + gi * 8, ldo); \
             switch (r1 - r) {                                                                                   \
-                case 3: KERNEL<3>(wg, nb, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * m + gi * 8, m); break; \
-                case 2: KERNEL<2>(wg, nb, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * m + gi * 8, m); break; \
-                case 1: KERNEL<1>(wg, nb, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * m + gi * 8, m); break; \
+                case 3: KERNEL<3>(wg, nb, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * ldo + gi * 8, ldo); break; \
+                case 2: KERNEL<2>(wg, nb, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * ldo + gi * 8, ldo); break; \
+                case 1: KERNEL<1>(wg, nb, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * ldo + gi * 8, ldo); break; \
             }                                                                                                   \
         }                                                                                                       \
     }
 
 extern "C" void q4k_matmul(const uint8_t* w, int64_t m, int64_t k, const int8_t* xq, const float* xs,
-                           const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out) {
+                           const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out, int64_t ldo) {
     DISPATCH(q4k_tile, Q4X8, bsum32, 8)
 }
 extern "C" void q6k_matmul(const uint8_t* w, int64_t m, int64_t k, const int8_t* xq, const float* xs,
-                           const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out) {
+                           const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out, int64_t ldo) {
     DISPATCH(q6k_tile, Q6X8, bsum16, 16)
 }
