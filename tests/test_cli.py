@@ -135,6 +135,7 @@ BENCH = ["bench", "--target", "{target}", "--draft", "{draft}", "--out", "{tmp}/
     (GEN + ["--max-new-tokens", "ten"], "argument --max-new-tokens: expected a whole number"),
     (["generate", "--bogus"], "unrecognized arguments: --bogus"),
     (["generate", "--target-dtype", "int8", "--device", "cuda"], "--target-dtype int8 runs on the CPU only"),
+    (["generate", "--target-dtype", "q4k", "--device", "cuda"], "--target-dtype q4k runs on the CPU only"),
     (["generate", "--target-dtype", "int4"], "invalid choice: 'int4'"),
     (["generate", "--suffix-cache", "4"], "--suffix-cache) needs suffix drafting"),
     (["generate", "--draft-window", "-1"], "--draft-window"),
