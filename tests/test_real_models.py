@@ -52,10 +52,14 @@ def test_bench_quick_writes_complete_results(tmp_path):
     assert (tmp_path / "accept_hist.png").stat().st_size > 1000
 
 
-def test_qwen_int8_target_is_exact_to_itself():
-    """The int8 target format: speculative output equals int8 plain decoding (it did not, before attention became
-    canonical: 7 of 8 HumanEval completions left it)."""
-    gen = load_generator("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", policy="cast", target_dtype="int8")
+@pytest.mark.parametrize("dtype", ["int8", "q4k"])
+def test_qwen_quantized_target_is_exact_to_itself(dtype):
+    """A quantized target format: speculative output equals that format's plain decoding (int8 did not, before
+    attention became canonical: 7 of 8 HumanEval completions left it). q4k runs the GGUF's own blocks."""
+    from castspec.models.kernels import describe_kernels
+
+    gen = load_generator("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", policy="cast", target_dtype=dtype)
+    assert describe_kernels(gen.target.model).startswith({"int8": "int8-rows", "q4k": "q4k"}[dtype])
     spec = gen.generate(PROMPT, max_new_tokens=48)
     gen.policy = make_policy("ar")
     plain = gen.generate(PROMPT, max_new_tokens=48)
