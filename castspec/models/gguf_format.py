@@ -63,17 +63,21 @@ def quantize_rows(x: torch.Tensor, kernels) -> QuantizedRows:
 def projections(members: list[GGUFLinear], x: torch.Tensor) -> torch.Tensor:
     """Sibling projections of one input (q/k/v, gate/up) side by side: the input is quantized once and each
     member's kernel writes its own columns of one output. Bitwise the same as calling each member (a column's result
-    depends on its own blocks and the row only)."""
+    depends on its own blocks and the row only). One member alone is `GGUFLinear.forward`."""
     lead = x.shape[:-1]
     rows = quantize_rows(x.reshape(-1, members[0].in_features), members[0]._kernels)
-    out = torch.empty(rows.count, sum(m.out_features for m in members))
-    start = 0
-    for member in members:
+    widths = [member.blocks.shape[0] * 8 for member in members]  # whole groups of 8 columns, padding included
+    out = torch.empty(rows.count, sum(widths))
+    parts, start = [], 0
+    for member, width in zip(members, widths, strict=True):
+        member.multiply_into(rows, out[:, start: start + width])
         part = out[:, start: start + member.out_features]
-        member.multiply_into(rows, part)
         if member.bias is not None:
             part += member.bias
-        start += member.out_features
+        parts.append(part)
+        start += width
+    if sum(widths) != sum(member.out_features for member in members):
+        out = torch.cat(parts, dim=1)  # drop the padding columns
     return out.reshape(*lead, out.shape[1]).to(x.dtype)
 
 
@@ -99,16 +103,7 @@ class GGUFLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        rows = quantize_rows(x.reshape(-1, self.in_features), self._kernels)
-        columns = self.blocks.shape[0] * 8
-        out = torch.empty(rows.count, columns)
-        self.multiply_into(rows, out)
-        if columns != self.out_features:
-            out = out[:, : self.out_features]
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*lead, self.out_features).to(x.dtype)
+        return projections([self], x)
 
     def multiply_into(self, rows: QuantizedRows, out: torch.Tensor) -> None:
         """Write rows x W^T (no bias) into `out` [n, >= columns], a view whose rows may be longer (one slice of a

@@ -10,9 +10,7 @@ AVX2/FMA/F16C, no compiler, a failed build); callers turn it into a clear error.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import fcntl
 import functools
 import hashlib
 import os
@@ -54,17 +52,6 @@ def _build_dir() -> Path:
     return castspec_home() / "kernels" / key[:16]
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _build(target: Path, compiler: str) -> None:
     torch_lib = Path(torch.__file__).parent / "lib"
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -87,9 +74,12 @@ def _library_or_reason() -> ctypes.CDLL | str:
     compiler = _compiler()
     if compiler is None:
         return "castspec's quantized CPU kernels are built on first use and need a C++ compiler (g++); none found"
+    from castspec.models.packaged import _lock
+
     target = _build_dir() / "libcastspec_gguf.so"
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with _lock(target.parent / ".lock"):
+        with _lock(target.parent / ".lock", "building castspec's CPU kernels"):
             if not target.is_file():
                 _build(target, compiler)
     except CastspecError as e:

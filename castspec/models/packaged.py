@@ -376,12 +376,13 @@ def _convert(spec: PackagedModel, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
+def _lock(path: Path, what: str = "converting") -> Iterator[None]:
+    """An exclusive file lock on `path`, with a notice when another process holds it (it is `what`-ing)."""
     with open(path, "a+") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _notice(f"waiting for another process to finish converting ({path})")
+            _notice(f"waiting for another process to finish {what} ({path})")
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
