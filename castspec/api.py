@@ -18,7 +18,7 @@ from castspec.cost.table import OnlineCosts
 from castspec.drafters.suffix import SuffixDrafter
 from castspec.engine import SpeculativeGenerator
 from castspec.errors import CastspecError
-from castspec.models import TARGET_DTYPES
+from castspec.models import DRAFT_QUANTS, TARGET_DTYPES
 from castspec.models.attention import use_tree_attention
 from castspec.models.draft_head import reduce_draft_vocab
 from castspec.models.formats import quantize_int8_rows
@@ -26,6 +26,7 @@ from castspec.models.gguf_format import use_gguf_linears
 from castspec.models.kernels import quantize_draft_int8, use_fast_cpu_linears
 from castspec.models.lean import use_lean_layers
 from castspec.models.load import load_model, load_tokenizer, resolve_model_dir
+from castspec.models.native_layer import use_native_layers
 from castspec.policies import TreePolicy, make_policy
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
@@ -99,8 +100,10 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
         raise CastspecError(f"target_dtype must be one of {', '.join(TARGET_DTYPES)}, got '{target_dtype}'")
     if target_dtype in ("int8", "q4k") and str(device).split(":")[0] != "cpu":
         raise CastspecError(f"--target-dtype {target_dtype} runs on the CPU only; use fp32 on a GPU")
-    if draft_quant not in ("int8", "none"):
-        raise CastspecError(f"draft_quant must be 'int8' or 'none', got '{draft_quant}'")
+    if draft_quant not in DRAFT_QUANTS:
+        raise CastspecError(f"draft_quant must be one of {', '.join(DRAFT_QUANTS)}, got '{draft_quant}'")
+    if draft_quant == "q4k" and str(device).split(":")[0] != "cpu":
+        raise CastspecError("--draft-quant q4k runs on the CPU only; use int8 or none on a GPU")
     draft_vocab = resolve_draft_vocab(draft_vocab)
     draft = resolve_draft(target, draft) if policy.uses_draft else None
     target_only = isinstance(draft, str) and draft.strip().lower() == NO_DRAFT
@@ -121,14 +124,20 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
     on_cpu = torch.device(device).type == "cpu"
     if draft_model is not None and draft_vocab:
         reduce_draft_vocab(draft_model, draft_vocab, keep=_eos_token_ids(target_model, tokenizer))
+    if draft_model is not None and draft_quant == "q4k":
+        use_gguf_linears(draft_model)  # quantized here: the 0.5B's 896 inputs are not whole GGUF blocks
+        if fast_kernels:
+            use_lean_layers(draft_model)
+            use_native_layers(draft_model)
     if on_cpu and fast_kernels and draft_model is not None:
         use_lean_layers(draft_model)  # fewer torch calls per layer, q/k/v and gate/up fused (before int8)
     if target_dtype == "int8":
         quantize_int8_rows(target_model)
     elif target_dtype == "q4k":
         use_gguf_linears(target_model, gguf_of(target))
-        if fast_kernels:  # q4k is its own format: lean layers keep it exact to itself (each op is per row)
+        if fast_kernels:  # q4k is its own format: each decoder layer one native call, exact to itself (per row)
             use_lean_layers(target_model)
+            use_native_layers(target_model)
     if on_cpu and draft_model is not None and draft_quant == "int8":
         quantize_draft_int8(draft_model)
     if on_cpu and fast_kernels:

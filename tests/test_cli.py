@@ -136,6 +136,7 @@ BENCH = ["bench", "--target", "{target}", "--draft", "{draft}", "--out", "{tmp}/
     (["generate", "--bogus"], "unrecognized arguments: --bogus"),
     (["generate", "--target-dtype", "int8", "--device", "cuda"], "--target-dtype int8 runs on the CPU only"),
     (["generate", "--target-dtype", "q4k", "--device", "cuda"], "--target-dtype q4k runs on the CPU only"),
+    (["generate", "--draft-quant", "q4k", "--device", "cuda"], "--draft-quant q4k runs on the CPU only"),
     (["generate", "--target-dtype", "int4"], "invalid choice: 'int4'"),
     (["generate", "--suffix-cache", "4"], "--suffix-cache) needs suffix drafting"),
     (["generate", "--draft-window", "-1"], "--draft-window"),

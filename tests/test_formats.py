@@ -73,18 +73,24 @@ def decode_alone(model, prefix: list[int], path: list[int]) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def q4k_model(seed: int, hidden: int = 256):
+def q4k_model(seed: int, hidden: int = 256, native: bool = True):
     """The q4k format as `load_generator` makes it, on a tiny model (quantized here: it has no GGUF; its linears
-    need inputs in blocks of 256): GGUF linears, lean layers (sibling projections share one quantized input)."""
+    need inputs in blocks of 256): GGUF linears, each decoder layer one native call (`native=False`: lean layers,
+    torch ops around the GGUF linears)."""
     from castspec.models.attention import use_tree_attention
     from castspec.models.gguf_format import use_gguf_linears
     from castspec.models.lean import use_lean_layers
+    from castspec.models.native_layer import use_native_layers
 
     model = tiny_model("qwen2", seed=seed, hidden=max(hidden, 256), sharpen=4.0).float()
     use_tree_attention(model)
     assert use_gguf_linears(model) == 2 * 7 + 1
-    assert use_lean_layers(model) == 2
+    assert (use_native_layers if native else use_lean_layers)(model) == 2
     return model
+
+
+def q4k_lean_model(seed: int, hidden: int = 256):
+    return q4k_model(seed, hidden, native=False)
 
 
 def fast_fp32_model(seed: int, hidden: int):
@@ -95,7 +101,8 @@ def fast_fp32_model(seed: int, hidden: int):
     return model
 
 
-@pytest.mark.parametrize("make_model", [int8_model, q4k_model, fast_fp32_model], ids=["int8", "q4k", "fp32-onednn"])
+@pytest.mark.parametrize("make_model", [int8_model, q4k_model, q4k_lean_model, fast_fp32_model],
+                         ids=["int8", "q4k", "q4k-lean", "fp32-onednn"])
 def test_tree_logits_equal_each_path_alone(make_model):
     """A tree forward's logits at every node equal, bitwise, the same path decoded alone in the same format.
 
@@ -126,7 +133,8 @@ def test_tree_logits_equal_each_path_alone(make_model):
         assert torch.equal(tree[path], alone), f"path {path}: max |diff| {(tree[path] - alone).abs().max():.3g}"
 
 
-@pytest.mark.parametrize("make_model", [int8_model, q4k_model, fast_fp32_model], ids=["int8", "q4k", "fp32-onednn"])
+@pytest.mark.parametrize("make_model", [int8_model, q4k_model, q4k_lean_model, fast_fp32_model],
+                         ids=["int8", "q4k", "q4k-lean", "fp32-onednn"])
 def test_rows_of_a_batch_equal_each_row_alone(make_model):
     """Other sequences of a batch (other lengths, other tokens) never change a row's logits, bitwise."""
     model = make_model(seed=5, hidden=256)
@@ -156,6 +164,36 @@ def test_speculative_decoding_of_a_quantized_target_equals_its_plain_decoding(po
     assert [r.token_ids for r in spec.generate_batch(prompts, max_new_tokens=20)] == plain
 
 
+def test_native_layers_compute_what_the_lean_layers_compute():
+    """The native decoder layer (one C++ call) is the same model as the lean one (torch ops around the same GGUF
+    linears): logits agree to float rounding over a prefill and a tree (a wrong rotary, slot or mask would not)."""
+    prefix = [int(t) for t in torch.randint(3, VOCAB, (45,), generator=torch.Generator().manual_seed(6))]
+    tokens, positions = torch.tensor([[7, 10, 11]]), torch.tensor([[45, 46, 46]])
+    mask = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]], dtype=torch.bool)
+    results = []
+    for native in (True, False):
+        runner = CausalLMRunner(q4k_model(seed=3, native=native))
+        last = runner.prefill([prefix])
+        runner.begin_block()
+        results.append(torch.cat([last, runner.forward(tokens, positions, mask)[0]]))
+    native, lean = results
+    assert not torch.equal(native, lean)  # two implementations (summation orders differ) ...
+    torch.testing.assert_close(native, lean, rtol=1e-3, atol=1e-3)  # ... of one model
+
+
+def test_native_layers_run_whenever_the_runner_attends_canonically(monkeypatch):
+    """Targets (and native drafts) never fall back to the lean path within one cache: mixing would break exactness."""
+    from castspec.models.lean import LeanDecoderLayer
+
+    model = q4k_model(seed=3)
+    monkeypatch.setattr(LeanDecoderLayer, "forward", lambda *a, **k: pytest.fail("lean path taken"))
+    for canonical in (True, False):  # a runner asked not to be canonical still is, for native layers
+        runner = CausalLMRunner(model, canonical=canonical)
+        runner.prefill([[5, 6, 7]], budget=4)
+        decode_alone(model, [5, 6, 7], [8, 9])
+        assert runner.canonical
+
+
 @pytest.mark.parametrize("dtype", ["int8", "q4k"])
 def test_cli_generates_with_a_quantized_target(tmp_path, capsys, dtype):
     """`--target-dtype int8|q4k` end to end on a tiny saved model: speculative output equals the format's plain
@@ -173,7 +211,27 @@ def test_cli_generates_with_a_quantized_target(tmp_path, capsys, dtype):
     assert code == 0 and result["ar"]["identical"] is True and result["new_tokens"] == 10
 
 
-@pytest.mark.parametrize("make_model", [int8_model, q4k_model, fast_fp32_model], ids=["int8", "q4k", "fp32-onednn"])
+def test_a_q4k_draft_with_padded_inputs_runs_native_layers(tmp_path, capsys):
+    """`--draft-quant q4k`: the draft (96 inputs: zero-padded to one block) runs native layers; the output still
+    equals the target's plain decoding."""
+    import json
+
+    from castspec import api
+    from castspec.cli import main
+    from castspec.models.native_layer import NativeDecoderLayer
+    from tests.test_cli import save_tiny
+
+    target, draft = save_tiny(tmp_path / "t", seed=0), save_tiny(tmp_path / "d", seed=0, layers=1, hidden=96)
+    gen = api.load_generator(target, draft, policy="chain", draft_quant="q4k")
+    assert sum(isinstance(m, NativeDecoderLayer) for m in gen.drafter.runner.model.modules()) == 1
+    code = main(["generate", "--target", target, "--draft", draft, "--draft-quant", "q4k", "--policy", "chain",
+                 "--prompt", "hello world", "--max-new-tokens", "10", "--json", "--compare"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["ar"]["identical"] is True and result["new_tokens"] == 10
+
+
+@pytest.mark.parametrize("make_model", [int8_model, q4k_model, q4k_lean_model, fast_fp32_model],
+                         ids=["int8", "q4k", "q4k-lean", "fp32-onednn"])
 def test_a_long_prefill_read_causally_equals_decoding(make_model):
     """A prompt long enough that prefill attention is computed in causal slices (each reads only the key chunks
     its queries can see, `attention.CAUSAL_SLICE`): its last logits equal, bitwise, the last token decoded alone

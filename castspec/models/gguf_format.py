@@ -64,8 +64,11 @@ def projections(members: list[GGUFLinear], x: torch.Tensor) -> torch.Tensor:
     """Sibling projections of one input (q/k/v, gate/up) side by side: the input is quantized once and each
     member's kernel writes its own columns of one output. Bitwise the same as calling each member (a column's result
     depends on its own blocks and the row only). One member alone is `GGUFLinear.forward`."""
-    lead = x.shape[:-1]
-    rows = quantize_rows(x.reshape(-1, members[0].in_features), members[0]._kernels)
+    lead, first = x.shape[:-1], members[0]
+    flat = x.reshape(-1, first.in_features)
+    if first.padded_in != first.in_features:  # the blocks' zero columns past the input
+        flat = torch.nn.functional.pad(flat, (0, first.padded_in - first.in_features))
+    rows = quantize_rows(flat, first._kernels)
     widths = [member.blocks.shape[0] * 8 for member in members]  # whole groups of 8 columns, padding included
     out = torch.empty(rows.count, sum(widths))
     parts, start = [], 0
@@ -84,21 +87,24 @@ def projections(members: list[GGUFLinear], x: torch.Tensor) -> torch.Tensor:
 def can_share_input(members: list[nn.Module]) -> bool:
     """`projections` applies: GGUF linears of one input size whose outputs fill whole groups of 8 columns."""
     return all(isinstance(m, GGUFLinear) and m.out_features % 8 == 0 and m.in_features == members[0].in_features
-               for m in members)
+               and m.padded_in == members[0].padded_in for m in members)
 
 
 class GGUFLinear(nn.Module):
     """y = x W^T (+ b) with W as Q4_K or Q6_K blocks (interleaved by 8 columns, see the kernel source), x quantized to
     int8 per row and block of 256."""
 
-    def __init__(self, blocks: np.ndarray, qtype: str, bias: torch.Tensor | None = None):
-        """`blocks`: the weight's GGUF blocks [out, in / 256 * bytes per block], as the file stores them."""
+    def __init__(self, blocks: np.ndarray, qtype: str, bias: torch.Tensor | None = None,
+                 in_features: int | None = None):
+        """`blocks`: the weight's GGUF blocks [out, in / 256 * bytes per block], as the file stores them;
+        `in_features`: the input size when the blocks hold zero columns past it (a size not a multiple of 256)."""
         super().__init__()
         from castspec.models.native import library
 
         self._kernels = library()
         self.qtype, self.out_features = qtype, blocks.shape[0]
-        self.in_features = blocks.shape[1] // GGUF_BYTES[qtype] * QK
+        self.padded_in = blocks.shape[1] // GGUF_BYTES[qtype] * QK
+        self.in_features = self.padded_in if in_features is None else in_features
         self.register_buffer("blocks", torch.from_numpy(interleave(blocks, qtype)))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
@@ -109,13 +115,14 @@ class GGUFLinear(nn.Module):
         """Write rows x W^T (no bias) into `out` [n, >= columns], a view whose rows may be longer (one slice of a
         wider output: sibling projections share one quantized input)."""
         matmul = self._kernels.q4k_matmul if self.qtype == "Q4_K" else self._kernels.q6k_matmul
-        matmul(self.blocks.data_ptr(), self.blocks.shape[0] * 8, self.in_features, rows.values.data_ptr(),
+        matmul(self.blocks.data_ptr(), self.blocks.shape[0] * 8, self.padded_in, rows.values.data_ptr(),
                rows.scales.data_ptr(), rows.sums16.data_ptr(), rows.sums32.data_ptr(), rows.count, out.data_ptr(),
                out.stride(0))
 
     def dequantized(self) -> torch.Tensor:
         """The weight as float32 (for checks): exactly what the kernel multiplies with."""
-        return torch.from_numpy(deinterleave(self.blocks.numpy(), self.qtype, self.in_features)[: self.out_features])
+        weight = deinterleave(self.blocks.numpy(), self.qtype, self.padded_in)
+        return torch.from_numpy(weight[: self.out_features, : self.in_features])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, " \
@@ -318,17 +325,14 @@ def use_gguf_linears(model: nn.Module, gguf_path: str | Path | None = None) -> i
     """Make every CPU linear of `model` a `GGUFLinear`, in place; returns how many.
 
     With `gguf_path`, weights are the file's blocks (rows reordered where llama.cpp stores them differently; the
-    first layer's are checked against the HF weights); without, they are quantized here (Q4_K, lm_head Q6_K).
+    first layer's are checked against the HF weights); without, they are quantized here (Q4_K, lm_head Q6_K), with
+    zero columns up to a multiple of 256 inputs where the input size is not one (the 0.5B draft's 896).
     """
     from castspec.models.kernels import _replace_modules
     from castspec.models.native import library
 
     library()  # fail early, in one line, where the kernels cannot run
     slots = _linear_slots(model)
-    bad = [name for name, module in slots if module.weight.shape[1] % QK]
-    if bad:
-        raise CastspecError(f"--target-dtype q4k needs linears whose input size is a multiple of {QK}; "
-                            f"{bad[0]} does not")
     reader = None
     if gguf_path is not None:
         import gguf
@@ -343,7 +347,7 @@ def use_gguf_linears(model: nn.Module, gguf_path: str | Path | None = None) -> i
         bias = getattr(module, "bias", None)
         if reader is None:
             qtype = "Q6_K" if name == "lm_head" else "Q4_K"
-            raw = weight.float().numpy()
+            raw = np.pad(weight.float().numpy(), ((0, 0), (0, -weight.shape[1] % QK)))
             blocks = quantize_q6k(raw) if qtype == "Q6_K" else quantize_q4k(raw)
         else:
             key = _gguf_name(name)
@@ -354,6 +358,7 @@ def use_gguf_linears(model: nn.Module, gguf_path: str | Path | None = None) -> i
             blocks, qtype = _blocks_from_gguf(tensors[key], _row_order(model, arch, name, weight.shape[0]))
             if re.fullmatch(r"model\.layers\.0\..+|lm_head", name):
                 _check_same_weight(name, module, blocks, qtype)
-        replacements[id(module)] = GGUFLinear(blocks, qtype, None if bias is None else bias.detach())
+        replacements[id(module)] = GGUFLinear(blocks, qtype, None if bias is None else bias.detach(),
+                                              in_features=weight.shape[1])
     del slots
     return _replace_modules(model, lambda module: replacements.pop(id(module), None))

@@ -328,8 +328,9 @@ def _is_int8_dynamic_linear(module: nn.Module) -> bool:
 
 def describe_kernels(model: nn.Module) -> str:
     """Name the kernels `model` runs: linears "stock", "onednn-fp32", "int8-dynamic", "int8-rows", "q4k" (several
-    joined by "+"), plus "+tree-attn" when its attention is `castspec.models.attention.tree_attention`, "+lean"
-    with lean decoder layers (`castspec.models.lean`), "+fused" with fused projections only."""
+    joined by "+"), plus "+tree-attn" when its attention is `castspec.models.attention.tree_attention`, "+native"
+    with native decoder layers (`castspec.models.native_layer`), else "+lean" with lean ones (`castspec.models.lean`),
+    "+fused" with fused projections only."""
     from castspec.models.formats import RowInt8Linear
     from castspec.models.gguf_format import GGUFLinear
 
@@ -350,8 +351,11 @@ def describe_kernels(model: nn.Module) -> str:
     from castspec.models.attention import ATTENTION_NAME
     from castspec.models.fuse import FusedPart
     from castspec.models.lean import LeanDecoderLayer
+    from castspec.models.native_layer import NativeDecoderLayer
 
     tree_attn = getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTENTION_NAME
-    lean = any(isinstance(m, LeanDecoderLayer) for m in model.modules())
-    fused = not lean and any(isinstance(m, FusedPart) for m in model.modules())
-    return linears + ("+tree-attn" if tree_attn else "") + ("+lean" if lean else "") + ("+fused" if fused else "")
+    native = any(isinstance(m, NativeDecoderLayer) for m in model.modules())
+    lean = not native and any(isinstance(m, LeanDecoderLayer) for m in model.modules())
+    fused = not (lean or native) and any(isinstance(m, FusedPart) for m in model.modules())
+    layers = "+native" if native else "+lean" if lean else "+fused" if fused else ""
+    return linears + ("+tree-attn" if tree_attn else "") + layers

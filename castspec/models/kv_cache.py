@@ -100,6 +100,21 @@ class TreeKVCache(Cache):
         end = -(-(self.max_length + self.block + key_states.shape[2]) // self.align) * self.align
         return layer[0, :, :, :end], layer[1, :, :, :end]
 
+    def buffer(self, kv_heads: int, head_dim: int) -> torch.Tensor:
+        """The whole buffer [layers, 2, B, H_kv, capacity, d], allocated now if nothing was written yet: for layers
+        that write their keys and values into it themselves (`castspec.models.native_layer`), at `write_slots`."""
+        if self.kv is None:
+            self.kv = torch.zeros(self.num_layers, 2, self.batch_size, kv_heads, self.capacity, head_dim,
+                                  dtype=self.dtype, device=self.device)
+        return self.kv
+
+    def write_slots(self) -> torch.Tensor:
+        """[B, count] the slots the forward in progress writes (between `begin_write` and `end_write`)."""
+        if isinstance(self._write, slice):
+            slots = torch.arange(self._write.start, self._write.stop, device=self.device)
+            return slots.expand(self.batch_size, -1)
+        return self._write
+
     def _allocate(self, key_states: torch.Tensor) -> None:
         _, heads, _, head_dim = key_states.shape
         self.kv = torch.zeros(self.num_layers, 2, self.batch_size, heads, self.capacity, head_dim,

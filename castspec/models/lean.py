@@ -163,17 +163,30 @@ def _projections(parent: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> 
 def use_lean_layers(model: nn.Module) -> int:
     """Fuse the projections (`fuse_projections`) and make every supported decoder layer a `LeanDecoderLayer`, in
     place; returns how many layers were replaced. Call before the kernel transforms (int8, oneDNN)."""
-    config = model.config
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or getattr(config, "_attn_implementation", None) in (None, "eager"):
+    if decoder_layers(model) is None:
         return 0
     fuse_projections(model)
+    return replace_layers(model, LeanDecoderLayer, supported)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The model's decoder layers, when its attention goes through the attention interface (not eager)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or getattr(model.config, "_attn_implementation", None) in (None, "eager"):
+        return None
+    return layers
+
+
+def replace_layers(model: nn.Module, kind: type[LeanDecoderLayer], eligible) -> int:
+    """Make every decoder layer that is not a `kind` yet and is `eligible(layer, config)` a `kind`, in place, all
+    sharing one dict of per-forward tables; returns how many."""
+    layers = decoder_layers(model)
     shared: dict = {}
     count = 0
-    for i, layer in enumerate(layers):
-        if isinstance(layer, LeanDecoderLayer) or not supported(layer, config):
+    for i, layer in enumerate(layers if layers is not None else []):
+        if isinstance(layer, kind) or not eligible(layer, model.config):
             continue
-        layers[i] = LeanDecoderLayer(layer, config)
+        layers[i] = kind(layer, model.config)
         layers[i]._shared = shared
         count += 1
     return count

@@ -1,7 +1,8 @@
-"""Build and load castspec's own C++ CPU kernels (`native/gguf_kernels.cpp`) once per machine.
+"""Build and load castspec's own C++ CPU kernels (`native/gguf_kernels.cpp`: Q4_K/Q6_K matmuls;
+`native/decoder_layer.cpp`: a whole decoder layer) once per machine.
 
 The library is compiled with g++ on first use (about two seconds) into `castspec_home()/kernels/<key>/`, where the
-key hashes the source, the flags and torch's version, and loaded with ctypes. It uses OpenMP from torch's own
+key hashes the sources, the flags and torch's version, and loaded with ctypes. It uses OpenMP from torch's own
 bundled libgomp (same soname, already loaded by `import torch`), so its threads are torch's threads: one pool, sized
 by `torch.set_num_threads`, no second runtime spinning beside it. A file lock keeps two processes from building the
 same library at once. `unavailable_reason()` says in one line why the kernels cannot run here (not x86 with
@@ -24,7 +25,7 @@ import torch
 
 from castspec.errors import CastspecError
 
-SOURCE = Path(__file__).with_name("native") / "gguf_kernels.cpp"
+SOURCES = tuple(Path(__file__).with_name("native") / name for name in ("gguf_kernels.cpp", "decoder_layer.cpp"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 _POINTER, _INT64 = ctypes.c_void_p, ctypes.c_int64
@@ -48,7 +49,8 @@ def _compiler() -> str | None:
 def _build_dir() -> Path:
     from castspec.models.packaged import castspec_home
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()
+    text = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(text + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()
     return castspec_home() / "kernels" / key[:16]
 
 
@@ -56,7 +58,7 @@ def _build(target: Path, compiler: str) -> None:
     torch_lib = Path(torch.__file__).parent / "lib"
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        command = [compiler, *FLAGS, str(SOURCE), "-o", str(out), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]
+        command = [compiler, *FLAGS, *map(str, SOURCES), "-o", str(out), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             first = (result.stderr.strip().splitlines() or ["(no output)"])[0]
@@ -91,7 +93,8 @@ def _library_or_reason() -> ctypes.CDLL | str:
     for name in ("q4k_matmul", "q6k_matmul"):
         getattr(library, name).argtypes = [_POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER, _INT64,
                                            _POINTER, _INT64]
-    for name in ("quantize_rows", "q4k_matmul", "q6k_matmul"):
+    library.decoder_layer.argtypes = [_POINTER] * 5  # (layer spec, step spec, hidden, key cache, value cache)
+    for name in ("quantize_rows", "q4k_matmul", "q6k_matmul", "decoder_layer"):
         getattr(library, name).restype = None
     return library
 

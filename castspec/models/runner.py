@@ -25,9 +25,12 @@ class CausalLMRunner:
 
     def __init__(self, model: PreTrainedModel, canonical: bool = True):
         """`canonical`: attend in canonical order (`castspec.models.attention`), so a token's logits never depend on
-        what shares the forward. Targets need it; a draft may skip it (its output only proposes)."""
+        what shares the forward. Targets need it; a draft may skip it (its output only proposes), unless it runs
+        native decoder layers, which read the canonical key layout (`castspec.models.native_layer`)."""
+        from castspec.models.native_layer import NativeDecoderLayer
+
         self.model = model
-        self.canonical = canonical
+        self.canonical = canonical or any(isinstance(m, NativeDecoderLayer) for m in model.modules())
         use_tree_attention(model)  # no KV copy; a query's result never depends on the other queries
         self.config = model.config
         self.device = model.device

@@ -1,0 +1,301 @@
+// One whole decoder layer (Llama/Qwen2 style) of a q4k model in one call, AVX2: RMSNorm, q/k/v, rotary, the KV
+// cache write, attention, o_proj, RMSNorm, gate/up, SiLU, down, and both residual adds.
+//
+// Why: with the weights in Q4_K (gguf_kernels.cpp) a token's linears take ~47 ms on a 2-core host, but the ~25 torch
+// calls around them per layer (norms, rotary, cache writes, canonical attention, masks) added ~40 ms more. Here the
+// whole layer is one ctypes call.
+//
+// Exact to itself: every step is computed per token (row) in a fixed order that depends only on that row's numbers.
+// Attention visits a query's keys in position order (the committed prefix, read in place, then the slots the caller
+// lists for the rest: tree ancestors or the block's earlier tokens), so a tree node sees the very same sequence of
+// keys and values as the same token decoded alone, and the sums run in the same order: its output is bitwise equal.
+// Softmax lanes are assigned by key index j (0..L-1 in position order), never by slot or by the number of queries.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+extern "C" void quantize_rows(const float* x, int64_t n, int64_t k, int8_t* xq, float* xs, int16_t* bsum16,
+                              int16_t* bsum32);
+extern "C" void q4k_matmul(const uint8_t* w, int64_t m, int64_t k, const int8_t* xq, const float* xs,
+                           const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out, int64_t ldo);
+extern "C" void q6k_matmul(const uint8_t* w, int64_t m, int64_t k, const int8_t* xq, const float* xs,
+                           const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out, int64_t ldo);
+
+// A projection: kernel-layout blocks, output columns (a multiple of 8), input size padded to a multiple of 256 (the
+// blocks' extra columns are zeros; the inputs' are zeroed here), Q6_K or Q4_K, optional bias [cols].
+struct Proj {
+    const uint8_t* w;
+    int64_t cols, k, q6;
+    const float* bias;
+};
+
+struct LayerSpec {
+    Proj q, k, v, o, gate, up, down;
+    const float* norm1;
+    const float* norm2;
+    float eps1, eps2, scale, pad;
+    int64_t hidden, heads, kv_heads, head_dim, inter;
+};
+
+// What one forward's tokens are (shared by the layers): rows = batch * n tokens.
+struct StepSpec {
+    int64_t batch, n;
+    const float* cos;            // [rows, head_dim]
+    const float* sin;            // [rows, head_dim]
+    const int64_t* positions;    // [rows]
+    const int64_t* write_slot;   // [rows] cache slot of each token's key/value
+    const int64_t* in_place;     // [batch] positions below this sit at their own slot (seen up to the query's own)
+    const int64_t* tail;         // [rows, tail_width] slots of the query's further keys, in position order
+    const uint8_t* tail_valid;   // [rows, tail_width]
+    int64_t tail_width;
+    int64_t capacity;            // slots per (row, kv head) in the cache [batch, kv_heads, capacity, head_dim]
+};
+
+struct Activations {
+    std::vector<int8_t> q;
+    std::vector<float> s;
+    std::vector<int16_t> s16, s32;
+    int64_t n = 0;
+};
+
+static void quantize(const float* x, int64_t n, int64_t k, Activations& a) {
+    a.q.resize(n * k);
+    a.s.resize(n * k / 256);
+    a.s16.resize(n * k / 16);
+    a.s32.resize(n * k / 32);
+    a.n = n;
+    quantize_rows(x, n, k, a.q.data(), a.s.data(), a.s16.data(), a.s32.data());
+}
+
+static void linear_into(const Proj& p, const Activations& a, float* out, int64_t ldo) {
+    (p.q6 ? q6k_matmul : q4k_matmul)(p.w, p.cols, p.k, a.q.data(), a.s.data(), a.s16.data(), a.s32.data(), a.n, out,
+                                     ldo);
+    if (p.bias)
+        for (int64_t r = 0; r < a.n; r++)
+            for (int64_t c = 0; c < p.cols; c++) out[r * ldo + c] += p.bias[c];
+}
+
+static inline float hsum(__m256 v) {
+    float t[8];
+    _mm256_storeu_ps(t, v);
+    return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
+
+// exp(x) for 8 floats: range reduction by ln 2, degree-6 polynomial on [-ln2/2, ln2/2] (relative error ~2e-7).
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// out = weight * (x / sqrt(mean(x^2) + eps)), per row (as transformers' RMSNorm in float32); out's rows are `ldo`
+// long (columns past h are left as they are: the zero padding of a projection's input).
+static void rms_norm(const float* x, const float* weight, float eps, int64_t rows, int64_t h, float* out,
+                     int64_t ldo) {
+#pragma omp parallel for schedule(static) if (rows > 8)
+    for (int64_t r = 0; r < rows; r++) {
+        const float* v = x + r * h;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= h; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(v + i), _mm256_loadu_ps(v + i), acc);
+        float ss = hsum(acc);
+        for (; i < h; i++) ss += v[i] * v[i];
+        const float inv = 1.0f / sqrtf(ss / (float)h + eps);
+        for (int64_t j = 0; j < h; j++) out[r * ldo + j] = weight[j] * (v[j] * inv);
+    }
+}
+
+// x cos + rotate_half(x) sin on `count` heads of one row, in place.
+static void rotate(float* x, int64_t count, int64_t d, const float* cos, const float* sin) {
+    const int64_t half = d / 2;
+    for (int64_t h = 0; h < count; h++) {
+        float* v = x + h * d;
+        for (int64_t i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cos[i] - b * sin[i];
+            v[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+}
+
+// The 8 horizontal sums of a[0..7] in one vector (lane h = sum of a[h]), in a fixed order.
+static inline __m256 hsum8(const __m256* a) {
+    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// Scores of NH query heads (rows of q, d apart) against each listed key: s[h * ld + j] = scale * q_h . k_j. Each
+// key is loaded once for all heads; each (head, key) sum runs over d in one fixed order.
+template <int NH>
+static void head_scores(const float* q, const float* keys, const int64_t* slots, int64_t count, int64_t d, float scale,
+                        float* s, int64_t ld) {
+    for (int64_t j = 0; j < count; j++) {
+        const float* k = keys + slots[j] * d;
+        __m256 acc[8];
+        for (int h = 0; h < 8; h++) acc[h] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < d; i += 8) {
+            const __m256 kv = _mm256_loadu_ps(k + i);
+            for (int h = 0; h < NH; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + i), kv, acc[h]);
+        }
+        float t[8];
+        _mm256_storeu_ps(t, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+        for (int h = 0; h < NH; h++) s[h * ld + j] = t[h];
+    }
+}
+
+static void scores_of_heads(int64_t heads, const float* q, const float* keys, const int64_t* slots, int64_t count,
+                            int64_t d, float scale, float* s, int64_t ld) {
+    for (int64_t h0 = 0; h0 < heads; h0 += 8) {
+        const float* qh = q + h0 * d;
+        float* sh = s + h0 * ld;
+        switch (heads - h0 >= 8 ? 8 : heads - h0) {
+            case 8: head_scores<8>(qh, keys, slots, count, d, scale, sh, ld); break;
+            case 7: head_scores<7>(qh, keys, slots, count, d, scale, sh, ld); break;
+            case 6: head_scores<6>(qh, keys, slots, count, d, scale, sh, ld); break;
+            case 5: head_scores<5>(qh, keys, slots, count, d, scale, sh, ld); break;
+            case 4: head_scores<4>(qh, keys, slots, count, d, scale, sh, ld); break;
+            case 3: head_scores<3>(qh, keys, slots, count, d, scale, sh, ld); break;
+            case 2: head_scores<2>(qh, keys, slots, count, d, scale, sh, ld); break;
+            default: head_scores<1>(qh, keys, slots, count, d, scale, sh, ld); break;
+        }
+    }
+}
+
+// acc[0:8*V] = sum over j of w[j] * values[slots[j]][0:8*V], in j order, the accumulators held in registers.
+template <int V>
+static inline void weighted_sum(const float* w, const int64_t* slots, int64_t count, const float* values, int64_t d,
+                                float* acc) {
+    __m256 r[V];
+    for (int t = 0; t < V; t++) r[t] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < count; j++) {
+        const __m256 wj = _mm256_set1_ps(w[j]);
+        const float* v = values + slots[j] * d;
+        for (int t = 0; t < V; t++) r[t] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + 8 * t), r[t]);
+    }
+    for (int t = 0; t < V; t++) _mm256_storeu_ps(acc + 8 * t, r[t]);
+}
+
+// One query row and kv head: the group's query heads attend to the row's keys in position order.
+static void attend(const LayerSpec& L, const StepSpec& S, int64_t r, int64_t h, const float* qkv, int64_t qkv_ld,
+                   const float* kcache, const float* vcache, float* out) {
+    const int64_t d = L.head_dim, groups = L.heads / L.kv_heads, b = r / S.n;
+    const int64_t own = S.in_place[b] < S.positions[r] + 1 ? S.in_place[b] : S.positions[r] + 1;
+    std::vector<int64_t> slots;
+    slots.reserve(own + S.tail_width);
+    for (int64_t j = 0; j < own; j++) slots.push_back(j);
+    for (int64_t t = 0; t < S.tail_width; t++)
+        if (S.tail_valid[r * S.tail_width + t]) slots.push_back(S.tail[r * S.tail_width + t]);
+    const int64_t count = (int64_t)slots.size(), padded = (count + 7) / 8 * 8;
+    const float* keys = kcache + (b * L.kv_heads + h) * S.capacity * d;
+    const float* values = vcache + (b * L.kv_heads + h) * S.capacity * d;
+    std::vector<float> scores(groups * padded, -INFINITY);
+    std::vector<float> acc(d);
+    scores_of_heads(groups, qkv + r * qkv_ld + h * groups * d, keys, slots.data(), count, d, L.scale, scores.data(),
+                    padded);
+    for (int64_t g = 0; g < groups; g++) {
+        float* s = scores.data() + g * padded;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < count; j++) top = s[j] > top ? s[j] : top;
+        __m256 total = _mm256_setzero_ps();
+        for (int64_t j = 0; j < padded; j += 8) {  // lanes by key index; padding lanes are exp(-inf) = 0
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(top)));
+            const __m256 live = _mm256_cmp_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+            const __m256 w = _mm256_and_ps(e, live);
+            _mm256_storeu_ps(s + j, w);
+            total = _mm256_add_ps(total, w);
+        }
+        const float sum = hsum(total);
+        for (int64_t c = 0; c < d; c += 64) {  // 8 registers of the output at a time
+            switch ((d - c) >= 64 ? 8 : (d - c) / 8) {
+                case 8: weighted_sum<8>(s, slots.data(), count, values + c, d, acc.data() + c); break;
+                case 7: weighted_sum<7>(s, slots.data(), count, values + c, d, acc.data() + c); break;
+                case 6: weighted_sum<6>(s, slots.data(), count, values + c, d, acc.data() + c); break;
+                case 5: weighted_sum<5>(s, slots.data(), count, values + c, d, acc.data() + c); break;
+                case 4: weighted_sum<4>(s, slots.data(), count, values + c, d, acc.data() + c); break;
+                case 3: weighted_sum<3>(s, slots.data(), count, values + c, d, acc.data() + c); break;
+                case 2: weighted_sum<2>(s, slots.data(), count, values + c, d, acc.data() + c); break;
+                default: weighted_sum<1>(s, slots.data(), count, values + c, d, acc.data() + c); break;
+            }
+        }
+        float* o = out + r * L.o.k + (h * groups + g) * d;
+        const float inv = sum > 0 ? 1.0f / sum : 0.0f;
+        for (int64_t i = 0; i < d; i++) o[i] = acc[i] * inv;
+    }
+}
+
+// Attention half: norm, q/k/v, rotary, cache write, attention, o_proj; hidden += result.
+static void attention_block(const LayerSpec& L, const StepSpec& S, float* hidden, float* kcache, float* vcache) {
+    const int64_t rows = S.batch * S.n, H = L.hidden, d = L.head_dim;
+    const int64_t qd = L.heads * d, kd = L.kv_heads * d, ld = qd + 2 * kd;
+    std::vector<float> normed(rows * L.q.k), qkv(rows * ld), att(rows * L.o.k), proj(rows * H);  // zero padded
+    Activations a;
+    rms_norm(hidden, L.norm1, L.eps1, rows, H, normed.data(), L.q.k);
+    quantize(normed.data(), rows, L.q.k, a);
+    linear_into(L.q, a, qkv.data(), ld);
+    linear_into(L.k, a, qkv.data() + qd, ld);
+    linear_into(L.v, a, qkv.data() + qd + kd, ld);
+    for (int64_t r = 0; r < rows; r++) {
+        float* row = qkv.data() + r * ld;
+        rotate(row, L.heads + L.kv_heads, d, S.cos + r * d, S.sin + r * d);
+        const int64_t b = r / S.n, slot = S.write_slot[r];
+        for (int64_t h = 0; h < L.kv_heads; h++) {
+            const int64_t at = ((b * L.kv_heads + h) * S.capacity + slot) * d;
+            memcpy(kcache + at, row + qd + h * d, d * sizeof(float));
+            memcpy(vcache + at, row + qd + kd + h * d, d * sizeof(float));
+        }
+    }
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t task = 0; task < rows * L.kv_heads; task++)
+        attend(L, S, task / L.kv_heads, task % L.kv_heads, qkv.data(), ld, kcache, vcache, att.data());
+    quantize(att.data(), rows, L.o.k, a);
+    linear_into(L.o, a, proj.data(), H);
+    for (int64_t i = 0; i < rows * H; i++) hidden[i] += proj[i];
+}
+
+// MLP half: norm, gate/up, SiLU(gate) * up, down; hidden += result.
+static void mlp_block(const LayerSpec& L, const StepSpec& S, float* hidden) {
+    const int64_t rows = S.batch * S.n, H = L.hidden, I = L.inter;
+    std::vector<float> normed(rows * L.gate.k), gate_up(rows * 2 * I), act(rows * L.down.k), proj(rows * H);
+    Activations a;
+    rms_norm(hidden, L.norm2, L.eps2, rows, H, normed.data(), L.gate.k);
+    quantize(normed.data(), rows, L.gate.k, a);
+    linear_into(L.gate, a, gate_up.data(), 2 * I);
+    linear_into(L.up, a, gate_up.data() + I, 2 * I);
+#pragma omp parallel for schedule(static) if (rows > 8)
+    for (int64_t r = 0; r < rows; r++) {
+        const float* g = gate_up.data() + r * 2 * I;
+        float* y = act.data() + r * L.down.k;
+        int64_t i = 0;
+        for (; i + 8 <= I; i += 8) {
+            const __m256 x = _mm256_loadu_ps(g + i);
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+            const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+            _mm256_storeu_ps(y + i, _mm256_mul_ps(silu, _mm256_loadu_ps(g + I + i)));
+        }
+        for (; i < I; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * g[I + i];
+    }
+    quantize(act.data(), rows, L.down.k, a);
+    linear_into(L.down, a, proj.data(), H);
+    for (int64_t i = 0; i < rows * H; i++) hidden[i] += proj[i];
+}
+
+extern "C" void decoder_layer(const LayerSpec* layer, const StepSpec* step, float* hidden, float* kcache,
+                              float* vcache) {
+    attention_block(*layer, *step, hidden, kcache, vcache);
+    mlp_block(*layer, *step, hidden);
+}
