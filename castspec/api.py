@@ -56,7 +56,7 @@ DRAFT_VOCAB_ENV = "CASTSPEC_DRAFT_VOCAB"  # overrides DEFAULT_DRAFT_VOCAB where 
 
 def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
                    policy: TreePolicy | str = DEFAULT_POLICY, device: str = "cpu", fast_kernels: bool = True,
-                   draft_quant: str = "int8", cost_table: str | None = None,
+                   draft_quant: str = "auto", cost_table: str | None = None,
                    max_batch_size: int = 1, target_dtype: str = "fp32",
                    draft_vocab: int | None = None, suffix: bool = False,
                    draft_window: int = 0, suffix_cache: int = 0, lazy_draft: bool = False) -> SpeculativeGenerator:
@@ -64,7 +64,9 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
 
     On CPU, `fast_kernels` runs every fp32 linear of both models on oneDNN with pre-packed weights (the `ar`
     baseline gets them too, so speedups compare like with like); `draft_quant="int8"` quantizes the draft's linears
-    to int8, which makes drafting ~3x cheaper and cannot change the output (the target decides every token).
+    to int8, which makes drafting ~3x cheaper and cannot change the output (the target decides every token);
+    `"q4k"` quantizes them to Q4_K and runs each draft layer as one native call (`castspec.models.native_layer`,
+    AVX2 CPUs), cheaper again; `"auto"` picks q4k beside a q4k target, else int8.
     Both are ignored on CUDA. Policies that size trees from measured costs (`cast`) get the cost table at
     `cost_table`, or the one cached for this device and pair, or a quick profile made now; pass the largest batch
     you will give `generate_batch` as `max_batch_size`, so the profile covers it (else costs are looked up for the
@@ -102,6 +104,8 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
         raise CastspecError(f"--target-dtype {target_dtype} runs on the CPU only; use fp32 on a GPU")
     if draft_quant not in DRAFT_QUANTS:
         raise CastspecError(f"draft_quant must be one of {', '.join(DRAFT_QUANTS)}, got '{draft_quant}'")
+    if draft_quant == "auto":  # the draft in the target's kind of format: q4k beside a q4k target, else int8
+        draft_quant = "q4k" if target_dtype == "q4k" else "int8"
     if draft_quant == "q4k" and str(device).split(":")[0] != "cpu":
         raise CastspecError("--draft-quant q4k runs on the CPU only; use int8 or none on a GPU")
     draft_vocab = resolve_draft_vocab(draft_vocab)

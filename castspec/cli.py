@@ -223,10 +223,10 @@ def _model_arguments(parser: argparse.ArgumentParser, target: str, draft: str) -
                              f"'auto': {draft} if it shares the target's tokenizer, else none")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
-    parser.add_argument("--draft-quant", choices=list(DRAFT_QUANTS), default="int8",
+    parser.add_argument("--draft-quant", choices=list(DRAFT_QUANTS), default="auto",
                         help="the draft's format on CPU: int8 linears, q4k (Q4_K blocks quantized at load, each "
-                             "decoder layer one native call; AVX2), or none (fp32); lossless whichever: the target "
-                             "decides every token")
+                             "decoder layer one native call; AVX2), none (fp32), or auto: q4k beside a q4k target, "
+                             "else int8. Lossless whichever: the target decides every token")
     parser.add_argument("--draft-vocab", type=_draft_vocab, default=None, metavar="N",
                         help=DRAFT_VOCAB_HELP)
     parser.add_argument("--suffix", action="store_true",

@@ -112,7 +112,7 @@ class BenchConfig:
     methods: list[str]
     max_new_tokens: int = 128
     device: str = "cpu"
-    draft_quant: str = "int8"
+    draft_quant: str = "auto"
     target_dtype: str = "fp32"
     warmup: bool = True
     temperature: float = 0.0

@@ -3,4 +3,4 @@
 # The target's formats (`--target-dtype`); kept here, free of torch, so the CLI can list them without loading it.
 TARGET_DTYPES = ("fp32", "int8", "q4k")
 # The draft's formats (`--draft-quant`): the draft only proposes, so any of them keeps the output exact.
-DRAFT_QUANTS = ("int8", "q4k", "none")
+DRAFT_QUANTS = ("auto", "int8", "q4k", "none")
