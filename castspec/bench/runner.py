@@ -289,12 +289,7 @@ class MethodRunner:
         self.llamacpp_spec = {}
 
     def encode(self, prompt: Prompt, history: list[dict[str, str]] | None = None) -> list[int]:
-        """Token ids of a prompt's first turn, or of the whole conversation so far plus the next user turn."""
-        if not prompt.chat:
-            return list(self.tokenizer(prompt.turns[0])["input_ids"])
-        messages = (history or []) + [{"role": "user", "content": prompt.turns[len(history or []) // 2]}]
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids if isinstance(ids, list) else ids["input_ids"])
+        return encode_prompt(self.tokenizer, prompt, history)
 
     def run_group(self, method: str, prompts: list[Prompt], max_new_tokens: int) -> dict[str, Any]:
         """Every turn of every prompt; a conversation's later turns see this method's own earlier answers."""
@@ -389,6 +384,15 @@ class MethodRunner:
             logits = self.target_model(prefix, logits_to_keep=1).logits[0, -1].float()
         gap = float(logits[reference[index]] - logits[other[index]])
         return {"index": index, "ar_token": reference[index], "other_token": other[index], "logit_gap": round(gap, 5)}
+
+
+def encode_prompt(tokenizer, prompt: Prompt, history: list[dict[str, str]] | None = None) -> list[int]:
+    """Token ids of a prompt's first turn, or of the whole conversation so far plus the next user turn."""
+    if not prompt.chat:
+        return list(tokenizer(prompt.turns[0])["input_ids"])
+    messages = (history or []) + [{"role": "user", "content": prompt.turns[len(history or []) // 2]}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])
 
 
 def run_bench(config: BenchConfig, prompts: list[Prompt], out_dir: Path | None = None, resume: bool = False,

@@ -114,11 +114,12 @@ class NativeDecoderLayer(LeanDecoderLayer):
         return self._modules["self_attn"]._modules["q_proj"]._kernels
 
     def _layer_spec(self) -> _LayerSpec:
-        """The layer's weights as the native function takes them (pointers; rebuilt if a buffer moved)."""
-        members = [self._modules[parent]._modules[name] for parent, name in _PROJECTIONS]
-        norms = (self._modules["input_layernorm"].weight, self._modules["post_attention_layernorm"].weight)
-        key = tuple(t.data_ptr() for t in (*(m.blocks for m in members), *norms))
+        """The layer's weights as the native function takes them: pointers, made once (weights of a CPU model stay
+        put; should the layer's modules be replaced, the new q_proj's address makes them again)."""
+        key = self._modules["self_attn"]._modules["q_proj"].blocks.data_ptr()
         if key != self._spec.key:
+            members = [self._modules[parent]._modules[name] for parent, name in _PROJECTIONS]
+            norms = (self._modules["input_layernorm"].weight, self._modules["post_attention_layernorm"].weight)
             self._spec.value = _LayerSpec(*map(_proj, members), norms[0].data_ptr(), norms[1].data_ptr(), self.eps1,
                                           self.eps2, self.scaling, 0.0, self.hidden, self.heads, self.kv_heads,
                                           self.head_dim, members[4].out_features)
