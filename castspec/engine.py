@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import operator
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from castspec.errors import CastspecError
 from castspec.models.runner import CausalLMRunner
 from castspec.policies import StepContext, StepRecord, TreePolicy, make_policy
 from castspec.policies.base import check_children_fit
+from castspec.text import IncrementalText
 from castspec.tree import DraftTree
 from castspec.verify import SamplingConfig, TokenChooser, verify
 
@@ -199,20 +200,24 @@ class SpeculativeGenerator:
     # --- public API ----------------------------------------------------------------------------------------
     def generate(self, prompt: str | list[int] | torch.Tensor, max_new_tokens: int = 128, chat: bool = False,
                  on_tokens: Callable[[list[int]], None] | None = None, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None) -> GenerationResult:
+                 top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()) -> GenerationResult:
         """Generate. Greedy (temperature 0) gives exactly the target's own greedy tokens; sampling gives exactly
-        the target's distribution (temperature, top-k, top-p as in `transformers`); `seed` makes it repeatable."""
+        the target's distribution (temperature, top-k, top-p as in `transformers`); `seed` makes it repeatable.
+        `stop`: strings that end the output (the text is cut before the first; `token_ids` are the tokens accepted
+        up to the step that produced it)."""
         callback = (lambda row, tokens: on_tokens(tokens)) if on_tokens is not None else None
-        return self.generate_batch([prompt], max_new_tokens, chat, callback, temperature, top_k, top_p, seed)[0]
+        return self.generate_batch([prompt], max_new_tokens, chat, callback, temperature, top_k, top_p, seed,
+                                   stop)[0]
 
     def generate_batch(self, prompts: list[str | list[int] | torch.Tensor], max_new_tokens: int = 128,
                        chat: bool = False, on_tokens: Callable[[int, list[int]], None] | None = None,
                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                       ) -> list[GenerationResult]:
+                       stop: Sequence[str] = ()) -> list[GenerationResult]:
         """Generate for several prompts at once (one tree per sequence, one target forward per step for all).
 
         Each output is distributed exactly as that prompt's own decoding (identical, when greedy). Sequences that
-        finish (EOS or budget) leave the batch. `on_tokens(row, tokens)` is called as tokens are accepted.
+        finish (EOS, budget or a `stop` string) leave the batch. `on_tokens(row, tokens)` is called as tokens are
+        accepted.
         """
         config = SamplingConfig(temperature, top_k, top_p, seed)
         if not prompts:
@@ -221,15 +226,18 @@ class SpeculativeGenerator:
         for row in ids:
             self._check_lengths(len(row), max_new_tokens)
         outs: list[list[int]] = [[] for _ in ids]
+        texts = [IncrementalText(self.tokenizer, stop, self.eos_ids) for _ in ids]
         state = self.open_batch()
         for row, tokens in self._decode(state, ids, max_new_tokens, config):
             outs[row].extend(tokens)
             if on_tokens is not None:
                 on_tokens(row, tokens)
+            if stop and texts[row].feed(tokens)[1]:
+                self.remove_rows(state, [row])  # a stop string: this sequence is done
         results = []
         for row, out in enumerate(outs):
             state.stats[row].new_tokens = len(out)
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            text = texts[row].sent if texts[row].stopped else self.tokenizer.decode(out, skip_special_tokens=True)
             results.append(GenerationResult(token_ids=out, text=text, stats=state.stats[row],
                                             prompt_tokens=len(ids[row]), batch_stats=state.batch_stats))
         return results

@@ -133,3 +133,21 @@ def test_a_draft_window_must_be_a_whole_number():
     for bad in (-1, 2.5, True):
         with pytest.raises(CastspecError, match="draft_window"):
             SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy="chain", draft_window=bad)
+
+
+def test_stop_strings_cut_the_text_and_end_only_their_row(tmp_path):
+    """`stop`: the text ends before the first stop string and that sequence leaves the batch; the other row of the
+    batch runs on to its budget, unchanged."""
+    from castspec import api
+    from tests.test_cli import save_tiny
+
+    gen = api.load_generator(save_tiny(tmp_path / "t"), save_tiny(tmp_path / "d", layers=1), policy="chain")
+    prompts = ["hello world", "abc"]
+    free = gen.generate_batch(prompts, max_new_tokens=24)
+    stop = free[0].text[6:8]  # a string that first occurs mid-output
+    cut = free[0].text.find(stop)
+    stopped = gen.generate_batch(prompts, max_new_tokens=24, stop=[stop])
+    assert stopped[0].text == free[0].text[:cut]
+    assert len(stopped[0].token_ids) < len(free[0].token_ids)
+    assert stopped[1].token_ids == free[1].token_ids or stop in free[1].text
+    assert gen.generate(prompts[0], max_new_tokens=24, stop=[stop]).text == free[0].text[:cut]

@@ -29,7 +29,7 @@ from castspec.engine import SpeculativeGenerator
 from castspec.errors import CastspecError
 from castspec.server.app import create_app, listen
 from castspec.server.metrics import parse_metrics
-from castspec.server.text import IncrementalText
+from castspec.text import IncrementalText
 from tests.conftest import ToyTokenizer, tiny_model
 from tests.test_cast import FLAT
 

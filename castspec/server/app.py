@@ -39,7 +39,7 @@ from castspec.server.protocol import (
     usage,
 )
 from castspec.server.scheduler import Failed, Finished, Job, QueueFull, Scheduler, TextDelta
-from castspec.server.text import IncrementalText
+from castspec.text import IncrementalText
 from castspec.verify import SamplingConfig
 
 RETRY_AFTER_S = 1

@@ -23,7 +23,7 @@ from typing import Any
 
 from castspec.errors import CastspecError
 from castspec.server.metrics import Metrics, RowStep
-from castspec.server.text import IncrementalText
+from castspec.text import IncrementalText
 from castspec.verify import SamplingConfig
 
 log = logging.getLogger("castspec.server")

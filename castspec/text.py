@@ -19,6 +19,7 @@ class IncrementalText:
         self.skip_ids = set(skip_ids)  # EOS ids: they end the output, they are not text
         self.ids: list[int] = []
         self.sent = ""
+        self.stopped = False  # a stop string was found: `sent` is the whole output
 
     def feed(self, tokens: Sequence[int], final: bool = False) -> tuple[str, bool]:
         """Take new tokens; return the text to send now and whether a stop string ended the output.
@@ -28,6 +29,7 @@ class IncrementalText:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         cut = self._first_stop(text)
         if cut is not None:
+            self.stopped = True
             return self._advance(text[:cut]), True
         if final:
             return self._advance(text), False
