@@ -21,6 +21,7 @@ from castspec.errors import CastspecError
 from castspec.models import DRAFT_QUANTS, TARGET_DTYPES
 from castspec.models.attention import use_tree_attention
 from castspec.models.draft_head import reduce_draft_vocab
+from castspec.models.format_choice import choose_target_dtype
 from castspec.models.formats import quantize_int8_rows
 from castspec.models.gguf_format import use_gguf_linears
 from castspec.models.kernels import quantize_draft_int8, use_fast_cpu_linears
@@ -57,7 +58,7 @@ DRAFT_VOCAB_ENV = "CASTSPEC_DRAFT_VOCAB"  # overrides DEFAULT_DRAFT_VOCAB where 
 def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
                    policy: TreePolicy | str = DEFAULT_POLICY, device: str = "cpu", fast_kernels: bool = True,
                    draft_quant: str = "auto", cost_table: str | None = None,
-                   max_batch_size: int = 1, target_dtype: str = "fp32",
+                   max_batch_size: int = 1, target_dtype: str = "auto",
                    draft_vocab: int | None = None, suffix: bool = False,
                    draft_window: int = 0, suffix_cache: int = 0, lazy_draft: bool = False) -> SpeculativeGenerator:
     """Load models and build a `SpeculativeGenerator`.
@@ -72,10 +73,13 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
     you will give `generate_batch` as `max_batch_size`, so the profile covers it (else costs are looked up for the
     wrong batch size, with a warning).
 
-    `target_dtype` is the target's format: "fp32" (the GGUF's weights dequantized, the exact reference) or "int8"
+    `target_dtype` is the target's format: "fp32" (the GGUF's weights dequantized, the exact reference), "int8"
     (CPU only: int8 weights per output channel, activations scaled per row so each token's logits are bitwise
     independent of what else shares the forward; ~3x fewer bytes per step, a different model than fp32 — greedy
-    output equals *its own* plain decoding, see `castspec.models.formats`).
+    output equals *its own* plain decoding, see `castspec.models.formats`), "q4k" (CPU with AVX2: the GGUF's own
+    Q4_K blocks, `castspec.models.gguf_format` and `castspec.models.native_layer`), or "auto" (the default): the
+    fastest format measured here among those whose quality passed the check against fp32 for this model
+    (`castspec.models.format_choice`; fp32 for models without a check).
 
     `suffix` (with a draft model): each node's candidates also include what followed the same text earlier in the
     prompt or output (`castspec.drafters.suffix.MixedDrafter`); lossless like any draft. `draft_window` N > 0: the
@@ -98,16 +102,7 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
     policy = make_policy(policy) if isinstance(policy, str) else policy
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise CastspecError(f"max_batch_size must be a whole number >= 1, got {max_batch_size!r}")
-    if target_dtype not in TARGET_DTYPES:
-        raise CastspecError(f"target_dtype must be one of {', '.join(TARGET_DTYPES)}, got '{target_dtype}'")
-    if target_dtype in ("int8", "q4k") and str(device).split(":")[0] != "cpu":
-        raise CastspecError(f"--target-dtype {target_dtype} runs on the CPU only; use fp32 on a GPU")
-    if draft_quant not in DRAFT_QUANTS:
-        raise CastspecError(f"draft_quant must be one of {', '.join(DRAFT_QUANTS)}, got '{draft_quant}'")
-    if draft_quant == "auto":  # the draft in the target's kind of format: q4k beside a q4k target, else int8
-        draft_quant = "q4k" if target_dtype == "q4k" else "int8"
-    if draft_quant == "q4k" and str(device).split(":")[0] != "cpu":
-        raise CastspecError("--draft-quant q4k runs on the CPU only; use int8 or none on a GPU")
+    target_dtype, draft_quant = resolve_formats(target, device, target_dtype, draft_quant)
     draft_vocab = resolve_draft_vocab(draft_vocab)
     draft = resolve_draft(target, draft) if policy.uses_draft else None
     target_only = isinstance(draft, str) and draft.strip().lower() == NO_DRAFT
@@ -158,6 +153,27 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
         drafter = SuffixDrafter(target_model.device, cache_size=suffix_cache)
     return SpeculativeGenerator(target_model, tokenizer, draft=drafter, policy=policy, costs=costs, suffix=suffix,
                                 draft_window=draft_window, suffix_cache=suffix_cache, lazy_draft=lazy_draft)
+
+
+def resolve_formats(target: str, device: str, target_dtype: str, draft_quant: str) -> tuple[str, str]:
+    """The target's and the draft's formats, `auto` resolved (`castspec.models.format_choice`; the draft follows the
+    target: q4k beside a q4k target, else int8); a clear error for unknown names and CPU-only formats elsewhere."""
+    if target_dtype not in TARGET_DTYPES:
+        raise CastspecError(f"target_dtype must be one of {', '.join(TARGET_DTYPES)}, got '{target_dtype}'")
+    if draft_quant not in DRAFT_QUANTS:
+        raise CastspecError(f"draft_quant must be one of {', '.join(DRAFT_QUANTS)}, got '{draft_quant}'")
+    if target_dtype == "auto":
+        target_dtype, why = choose_target_dtype(target, device)
+        if target_dtype != "fp32":
+            print(f"castspec: --target-dtype auto: {target_dtype}, {why}", file=sys.stderr)
+    on_cpu = str(device).split(":")[0] == "cpu"
+    if target_dtype in ("int8", "q4k") and not on_cpu:
+        raise CastspecError(f"--target-dtype {target_dtype} runs on the CPU only; use fp32 on a GPU")
+    if draft_quant == "auto":
+        draft_quant = "q4k" if target_dtype == "q4k" else "int8"
+    if draft_quant == "q4k" and not on_cpu:
+        raise CastspecError("--draft-quant q4k runs on the CPU only; use int8 or none on a GPU")
+    return target_dtype, draft_quant
 
 
 def gguf_of(model: str) -> str | None:

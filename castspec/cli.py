@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--max-tokens", type=_positive_int, default=128, help="max_tokens of every request")
     load.add_argument("--max-batch-size", type=_positive_int, default=8, help="the server's --max-batch-size")
     load.add_argument("--threads", type=_positive_int, default=None, help="the server's CPU threads")
-    load.add_argument("--target-dtype", choices=list(TARGET_DTYPES), default="fp32", help="the server's --target-dtype")
+    load.add_argument("--target-dtype", choices=list(TARGET_DTYPES), default="auto", help="the server's --target-dtype")
     load.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and the arrival schedule")
     load.add_argument("--spec-bench", default="../shared/data/spec_bench/question.jsonl",
                       help="Spec-Bench question.jsonl (for the MT-bench prompts)")
@@ -242,11 +242,13 @@ def _model_arguments(parser: argparse.ArgumentParser, target: str, draft: str) -
     parser.add_argument("--draft-window", type=_non_negative_int, default=0, metavar="N",
                         help="prefill the draft model on each prompt's last N tokens only (0: the whole prompt); "
                              "long prompts then cost the draft far less; lossless")
-    parser.add_argument("--target-dtype", choices=list(TARGET_DTYPES), default="fp32",
+    parser.add_argument("--target-dtype", choices=list(TARGET_DTYPES), default="auto",
                         help="the target's format: fp32 (the packaged weights, dequantized); int8 (CPU: per-channel "
                              "weights, per-row activations); q4k (CPU with AVX2: the GGUF's own Q4_K/Q6_K blocks, "
-                             "int8 activations per row, castspec's kernels, built once with g++; the fastest here). "
-                             "int8 and q4k output is exactly that format's own plain decoding, not fp32's")
+                             "int8 activations per row, each layer one native call); auto (default): the fastest "
+                             "format measured on this machine among those whose quality passed the check against "
+                             "fp32 for this model (fp32 for models without a check). Output is exactly that "
+                             "format's own plain decoding")
 
 
 DRAFT_VOCAB_HELP = (

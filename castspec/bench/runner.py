@@ -113,7 +113,7 @@ class BenchConfig:
     max_new_tokens: int = 128
     device: str = "cpu"
     draft_quant: str = "auto"
-    target_dtype: str = "fp32"
+    target_dtype: str = "auto"
     warmup: bool = True
     temperature: float = 0.0
     top_k: int = 0
