@@ -303,9 +303,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 repeats=args.repeats)
     gen = load_generator(args.target, args.draft, "chain", device=args.device, fast_kernels=not args.no_fast_kernels,
                          draft_quant=args.draft_quant, target_dtype=args.target_dtype, draft_vocab=args.draft_vocab)
-    models = {"target": gen.target.model}
-    if hasattr(gen.drafter, "runner"):  # a draft model (not --draft none)
-        models["draft"] = gen.drafter.runner.model
+    models = gen.models  # the target, and the draft model unless --draft none
     table = profile(models, grid)
     out = args.out or table_path(expected_meta(models), castspec_home())
     table.save(out)

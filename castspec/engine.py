@@ -163,6 +163,7 @@ class SpeculativeGenerator:
         sequences (`castspec.drafters.suffix.SuffixCache`). `lazy_draft` with a draft model: speculate from repeats
         first and prefill the draft model only once it has earned its prefill (`castspec.drafters.lazy`)."""
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self._draft_model = draft if isinstance(draft, torch.nn.Module) else None
         if self.policy.uses_draft and draft is None:
             raise CastspecError(f"policy '{self.policy.name}' needs a draft model (--draft)")
         for name, value in (("draft_window", draft_window), ("suffix_cache", suffix_cache)):
@@ -198,6 +199,15 @@ class SpeculativeGenerator:
         return self.costs.time_ms("draft", 1, tokens, widest) / widest * rows * tokens
 
     # --- public API ----------------------------------------------------------------------------------------
+    @property
+    def models(self) -> dict[str, torch.nn.Module]:
+        """The models this generator runs, by role: "target", and "draft" when it was given a draft model (for
+        profiling, reports and kernel descriptions; callers need not know how the engine wraps them)."""
+        models = {"target": self.target.model}
+        if self._draft_model is not None:
+            models["draft"] = self._draft_model
+        return models
+
     def generate(self, prompt: str | list[int] | torch.Tensor, max_new_tokens: int = 128, chat: bool = False,
                  on_tokens: Callable[[list[int]], None] | None = None, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()) -> GenerationResult:

@@ -226,8 +226,8 @@ class MethodRunner:
                               "chain" if needs_draft else "ar", device=config.device, draft_quant=config.draft_quant,
                               target_dtype=config.target_dtype)
         self.tokenizer = base.tokenizer
-        self.target_model = base.target.model
-        self.draft_model = base.drafter.runner.model if hasattr(base.drafter, "runner") else None
+        self.target_model = base.models["target"]
+        self.draft_model = base.models.get("draft")
         self.eos_ids = _eos_ids(self.target_model, self.tokenizer)
         policies = {m: make_policy(policy_spec(m)) for m in config.methods if is_policy(m)}
         no_draft = config.draft is None or config.draft.strip().lower() == "none"  # speculate on the text alone
