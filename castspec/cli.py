@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="read the prompt from this UTF-8 file (with --batch-size: one prompt per line)")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                     help="end the output before this text (repeatable; \\n and \\t are read as newline and tab)")
     _sampling_arguments(gen)
     gen.add_argument("--batch-size", type=_positive_int, default=1,
                      help="with --prompt-file: decode this many lines' prompts at once as one batch (cast's "
@@ -466,7 +468,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = [line for line in prompt.splitlines() if line.strip()] if args.batch_size > 1 else [prompt]
     if args.compare and args.batch_size > 1:
         raise CastspecError("--compare measures one prompt; drop --batch-size (use `castspec bench` for batches)")
-    sampling = _sampling(args)
+    sampling = {**_sampling(args), "stop": _stops(args)}
     policy = make_policy(args.policy)
     gen = load_generator(args.target, args.draft if policy.uses_draft else None, policy, device=args.device,
                          fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
@@ -477,7 +479,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.batch_size > 1:
         return _generate_batches(args, gen, prompts)
     gen.generate(prompt, max_new_tokens=2, chat=args.chat)  # warm-up: first-call allocations are not speed
-    streamer = None if args.json else _streamer(gen.tokenizer)
+    streamer = None if args.json else _streamer(gen.tokenizer, sampling["stop"])
     result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, on_tokens=streamer, **sampling)
     if streamer is not None:
         print()
@@ -591,7 +593,8 @@ def _generate_batches(args: argparse.Namespace, gen, prompts: list[str]) -> int:
     outputs = []
     for first in range(0, len(prompts), args.batch_size):
         chunk = prompts[first:first + args.batch_size]
-        results = gen.generate_batch(chunk, max_new_tokens=args.max_new_tokens, chat=args.chat, **_sampling(args))
+        results = gen.generate_batch(chunk, max_new_tokens=args.max_new_tokens, chat=args.chat, **_sampling(args),
+                                     stop=_stops(args))
         batch = results[0].batch_stats  # the whole call (each row's `stats.wall_s` is its own latency)
         for offset, result in enumerate(results):
             s = result.stats
@@ -607,17 +610,24 @@ def _generate_batches(args: argparse.Namespace, gen, prompts: list[str]) -> int:
     return 0
 
 
-def _streamer(tokenizer):
-    ids: list[int] = []
-    shown = [""]
+def _stops(args: argparse.Namespace) -> list[str]:
+    """--stop values with \\n and \\t read as newline and tab (what a shell cannot type inline)."""
+    stops = [text.replace("\\n", "\n").replace("\\t", "\t") for text in args.stop or []]
+    if any(not text for text in stops):
+        raise CastspecError("--stop needs a non-empty text")
+    return stops
+
+
+def _streamer(tokenizer, stop: list[str]):
+    """Print accepted text as it comes; text that may begin a stop string waits until the next tokens decide."""
+    from castspec.text import IncrementalText
+
+    text = IncrementalText(tokenizer, stop)
 
     def on_tokens(tokens: list[int]) -> None:
-        ids.extend(tokens)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(shown[0]):])
+        if not text.stopped:
+            sys.stdout.write(text.feed(tokens)[0])
             sys.stdout.flush()
-            shown[0] = text
 
     return on_tokens
 

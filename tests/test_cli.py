@@ -64,6 +64,23 @@ def test_generate_streams_text_and_names_the_baseline(pair, capsys):
     assert "speedup over plain decoding (ar):" in err and "identical output" in err
 
 
+def test_generate_stops_before_a_stop_string_streamed_and_in_json(pair, capsys):
+    """--stop: the streamed text and the JSON text both end before the first stop string."""
+    target, draft, _ = pair
+    base = ["generate", "--target", target, "--draft", draft, "--policy", "chain", "--prompt", "hello world",
+            "--max-new-tokens", "20"]
+    code, out, err = run(capsys, *base, "--json")
+    assert code == 0, err
+    full = json.loads(out)["text"]
+    stop = full[4:6]
+    code, out, err = run(capsys, *base, "--json", "--stop", stop)
+    assert code == 0, err
+    assert json.loads(out)["text"] == full[: full.find(stop)]
+    code, out, err = run(capsys, *base, "--stop", stop)
+    assert code == 0, err
+    assert out == full[: full.find(stop)] + "\n"
+
+
 def _fake_profile(grids):
     """A stand-in for the profiler (tiny models take ~40 s to profile on a busy CPU): a flat table on the grid."""
     from castspec.cost.profiler import expected_meta
@@ -138,6 +155,7 @@ BENCH = ["bench", "--target", "{target}", "--draft", "{draft}", "--out", "{tmp}/
     (["generate", "--target-dtype", "q4k", "--device", "cuda"], "--target-dtype q4k runs on the CPU only"),
     (["generate", "--draft-quant", "q4k", "--device", "cuda"], "--draft-quant q4k runs on the CPU only"),
     (["generate", "--target-dtype", "int4"], "invalid choice: 'int4'"),
+    (["generate", "--stop", ""], "--stop needs a non-empty text"),
     (["generate", "--suffix-cache", "4"], "--suffix-cache) needs suffix drafting"),
     (["generate", "--draft-window", "-1"], "--draft-window"),
     (["profile", "--batch-sizes", "0,2"], "--batch-sizes needs positive whole numbers"),
