@@ -194,6 +194,25 @@ def test_native_layers_run_whenever_the_runner_attends_canonically(monkeypatch):
         assert runner.canonical
 
 
+def test_q4k_rows_joining_and_leaving_a_live_batch_stay_exact():
+    """Native layers under continuous batching: rows join (the cache is merged), leave (it is compacted, a view of
+    the buffer) and are cancelled; every finished row equals its own plain decoding in the same format."""
+    from castspec.verify import SamplingConfig, TokenChooser
+    from tests.conftest import drive_live_batch
+
+    target = q4k_model(seed=4)
+    draft = tiny_model("qwen2", seed=4, layers=1, sharpen=4.0).float()
+    prompts, budgets = [[5, 6, 7, 8, 9], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36], [40, 41]], [12, 4, 10, 8]
+    spec = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy="eagle2:total_tokens=10,depth=3,top_k=3")
+    arrivals = {0: [0], 1: [1, 2], 3: [3]}
+    joins = {step: (keys, [prompts[k] for k in keys], [budgets[k] for k in keys],
+                    [TokenChooser(SamplingConfig()) for _ in keys]) for step, keys in arrivals.items()}
+    outs = drive_live_batch(spec, joins, {2: [2]})  # row 2 is cancelled at step 2
+    plain = SpeculativeGenerator(target, ToyTokenizer(), policy="ar")
+    for key in (0, 1, 3):
+        assert outs[key] == plain.generate(prompts[key], max_new_tokens=budgets[key]).token_ids, key
+
+
 @pytest.mark.parametrize("dtype", ["int8", "q4k"])
 def test_cli_generates_with_a_quantized_target(tmp_path, capsys, dtype):
     """`--target-dtype int8|q4k` end to end on a tiny saved model: speculative output equals the format's plain
