@@ -125,11 +125,9 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
         reduce_draft_vocab(draft_model, draft_vocab, keep=_eos_token_ids(target_model, tokenizer))
     if draft_model is not None and draft_quant == "q4k":
         use_gguf_linears(draft_model)  # quantized here: the 0.5B's 896 inputs are not whole GGUF blocks
-        if fast_kernels:
-            use_lean_layers(draft_model)
-            use_native_layers(draft_model)
     if on_cpu and fast_kernels and draft_model is not None:
         use_lean_layers(draft_model)  # fewer torch calls per layer, q/k/v and gate/up fused (before int8)
+        use_native_layers(draft_model)  # a q4k draft's layers: one native call each (others stay lean)
     if target_dtype == "int8":
         quantize_int8_rows(target_model)
     elif target_dtype == "q4k":

@@ -477,7 +477,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          suffix=args.suffix, draft_window=args.draft_window, suffix_cache=args.suffix_cache,
                          lazy_draft=args.lazy_draft)
     if args.batch_size > 1:
-        return _generate_batches(args, gen, prompts)
+        return _generate_batches(args, gen, prompts, sampling)
     gen.generate(prompt, max_new_tokens=2, chat=args.chat)  # warm-up: first-call allocations are not speed
     streamer = None if args.json else _streamer(gen.tokenizer, sampling["stop"])
     result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, on_tokens=streamer, **sampling)
@@ -588,13 +588,12 @@ def _print_comparison(args: argparse.Namespace, baseline, out: dict) -> None:
           f"speedup over plain decoding (ar): {out['speedup_vs_ar']:.2f}x, {same}", file=sys.stderr)
 
 
-def _generate_batches(args: argparse.Namespace, gen, prompts: list[str]) -> int:
+def _generate_batches(args: argparse.Namespace, gen, prompts: list[str], sampling: dict) -> int:
     """Generate `args.batch_size` prompts at a time; print each result (or one JSON list)."""
     outputs = []
     for first in range(0, len(prompts), args.batch_size):
         chunk = prompts[first:first + args.batch_size]
-        results = gen.generate_batch(chunk, max_new_tokens=args.max_new_tokens, chat=args.chat, **_sampling(args),
-                                     stop=_stops(args))
+        results = gen.generate_batch(chunk, max_new_tokens=args.max_new_tokens, chat=args.chat, **sampling)
         batch = results[0].batch_stats  # the whole call (each row's `stats.wall_s` is its own latency)
         for offset, result in enumerate(results):
             s = result.stats

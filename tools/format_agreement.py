@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 
-def outputs(run_dir: Path, method: str) -> tuple[dict, dict[str, list[int]]]:
-    """The run's config and {prompt id: token ids} of `method`."""
+def outputs(run_dir: Path, method: str, first_turn: bool = False) -> tuple[dict, dict[str, list[int]]]:
+    """The run's config and {prompt id: token ids} of `method` (`first_turn`: only the first turn's tokens)."""
     lines = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines() if line.strip()]
     config = next((x["config"] for x in lines if "config" in x), {})
     found = {}
@@ -25,8 +25,9 @@ def outputs(run_dir: Path, method: str) -> tuple[dict, dict[str, list[int]]]:
         group = line.get("group")
         if not group or method not in group["methods"]:
             continue
-        for prompt, ids in zip(group["prompts"], group["methods"][method]["token_ids"], strict=True):
-            found[prompt] = ids
+        result = group["methods"][method]
+        for prompt, ids, turns in zip(group["prompts"], result["token_ids"], result["turn_tokens"], strict=True):
+            found[prompt] = ids[: turns[0]] if first_turn else ids
     return config, found
 
 
@@ -69,17 +70,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no prompt has `{args.method}` output in both runs", file=sys.stderr)
         return 2
     formats = (ref_config.get("target_dtype", "fp32"), cand_config.get("target_dtype", "fp32"))
-    lines = [f"Greedy agreement of `{formats[1]}` with `{formats[0]}` ({args.method} outputs, "
-             f"{result['prompts']} prompts): **{result['agreement']:.3f}** of tokens before the first difference; "
-             f"{result['identical']} outputs identical.", "", "| prompt | tokens | common prefix | identical |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['prompt']} | {r['tokens']} | {r['common_prefix']} | {'yes' if r['identical'] else 'no'} |"
-              for r in result["rows"]]
+    summary = (f"Greedy agreement of `{formats[1]}` with `{formats[0]}` ({args.method} outputs, "
+               f"{result['prompts']} prompts): **{result['agreement']:.3f}** of tokens before the first difference; "
+               f"{result['identical']} outputs identical.")
+    report(summary, ["prompt", "tokens", "common prefix", "identical"],
+           [[r["prompt"], r["tokens"], r["common_prefix"], "yes" if r["identical"] else "no"] for r in result["rows"]],
+           args.out)
+    return 0
+
+
+def report(summary: str, columns: list[str], rows: list[list], out: Path | None) -> None:
+    """Print the summary line and a markdown table of the rows; write the same text to `out` if given."""
+    lines = [summary, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        args.out.write_text(text)
-    return 0
+    if out:
+        out.write_text(text)
 
 
 if __name__ == "__main__":

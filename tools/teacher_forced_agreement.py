@@ -18,26 +18,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from format_agreement import outputs  # noqa: E402
+from format_agreement import outputs, report  # noqa: E402
 
 from castspec.api import load_generator  # noqa: E402
 from castspec.bench.datasets import load_prompts  # noqa: E402
 from castspec.bench.runner import encode_prompt  # noqa: E402
 from castspec.errors import CastspecError  # noqa: E402
-
-
-def first_turns(run_dir: Path, method: str) -> tuple[dict, dict[str, list[int]]]:
-    """The run's config and {prompt id: the method's tokens of the first turn}."""
-    import json
-
-    config, found = outputs(run_dir, method)
-    lines = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines() if line.strip()]
-    for line in lines:
-        group = line.get("group")
-        if group and method in group["methods"]:
-            for prompt, turns in zip(group["prompts"], group["methods"][method]["turn_tokens"], strict=True):
-                found[prompt] = found[prompt][: turns[0]]
-    return config, found
 
 
 @torch.inference_mode()
@@ -63,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     try:
-        config, reference = first_turns(args.reference, args.method)
+        config, reference = outputs(args.reference, args.method, first_turn=True)
         prompts = {p.id: p for dataset in config["datasets"]
                    for p in load_prompts(dataset, config["num_prompts"], config.get("seed", 0))}
         gen = load_generator(config["target"], draft="none", policy="ar", target_dtype=args.target_dtype)
@@ -78,14 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prompt_id}: {agreed}/{len(answer)}", file=sys.stderr)
     total, agreed = sum(r[1] for r in rows), sum(r[2] for r in rows)
     reference_dtype = config.get("target_dtype", "fp32")
-    lines = [f"Teacher-forced greedy agreement of `{args.target_dtype}` with `{reference_dtype}` "
-             f"(`{args.reference}`, {args.method}, first turns of {len(rows)} prompts): **{agreed / total:.4f}** "
-             f"({agreed} of {total} tokens).", "", "| prompt | tokens | same greedy token |", "|---|---|---|"]
-    lines += [f"| {p} | {n} | {a} |" for p, n, a in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    summary = (f"Teacher-forced greedy agreement of `{args.target_dtype}` with `{reference_dtype}` "
+               f"(`{args.reference}`, {args.method}, first turns of {len(rows)} prompts): **{agreed / total:.4f}** "
+               f"({agreed} of {total} tokens).")
+    report(summary, ["prompt", "tokens", "same greedy token"], [list(row) for row in rows], args.out)
     return 0
 
 
