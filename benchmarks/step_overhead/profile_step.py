@@ -95,7 +95,7 @@ def measure(gen, clocks: dict[str, Clock], prompts: list[str], max_new_tokens: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target-dtype", default="int8", choices=["fp32", "int8"])
+    parser.add_argument("--target-dtype", default="int8", choices=["fp32", "int8", "q4k"])
     parser.add_argument("--policies", default="ar,cast")
     parser.add_argument("--num-prompts", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=96)
