@@ -181,6 +181,28 @@ def test_native_layers_compute_what_the_lean_layers_compute():
     torch.testing.assert_close(native, lean, rtol=1e-3, atol=1e-3)  # ... of one model
 
 
+def test_the_native_stack_is_bitwise_the_stock_forward_around_native_layers():
+    """`NativeStack` (embedding, native calls on one buffer, norm, lm_head) skips the stock forward's machinery but
+    not its arithmetic: prefill, a tree and a padded batch give bitwise the logits of the stock forward."""
+    prefixes = [[int(t) for t in torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(length))]
+                for length in (45, 30)]
+    tokens, positions = torch.tensor([[7, 10, 11], [3, 4, 0]]), torch.tensor([[45, 46, 46], [30, 31, 32]])
+    mask = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]], [[1, 0, 0], [1, 1, 0], [1, 1, 1]]], dtype=torch.bool)
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    model = q4k_model(seed=4)
+    results = []
+    for stack in (True, False):
+        runner = CausalLMRunner(model)
+        assert runner.native is not None
+        if not stack:
+            runner.native = None
+        last = runner.prefill(prefixes)
+        runner.begin_block()
+        results.append((last, runner.forward(tokens, positions, mask, token_valid=valid)))
+    for fast, stock in zip(*results, strict=True):
+        assert torch.equal(fast, stock)
+
+
 def test_native_layers_run_whenever_the_runner_attends_canonically(monkeypatch):
     """Targets (and native drafts) never fall back to the lean path within one cache: mixing would break exactness."""
     from castspec.models.lean import LeanDecoderLayer

@@ -27,10 +27,11 @@ class CausalLMRunner:
         """`canonical`: attend in canonical order (`castspec.models.attention`), so a token's logits never depend on
         what shares the forward. Targets need it; a draft may skip it (its output only proposes), unless it runs
         native decoder layers, which read the canonical key layout (`castspec.models.native_layer`)."""
-        from castspec.models.native_layer import NativeDecoderLayer
+        from castspec.models.native_layer import NativeDecoderLayer, NativeStack
 
         self.model = model
         self.canonical = canonical or any(isinstance(m, NativeDecoderLayer) for m in model.modules())
+        self.native = NativeStack.of(model)  # the whole forward natively (bitwise the stock path's result)
         use_tree_attention(model)  # no KV copy; a query's result never depends on the other queries
         self.config = model.config
         self.device = model.device
@@ -130,16 +131,26 @@ class CausalLMRunner:
         self.block_pos = torch.cat([self.block_pos, positions], dim=1)
         end = self.cache.begin_write(n)
         allowed, key_pos = self._visible(block_mask, end)
+        layout = key_layout(allowed, key_pos, positions, token_valid) if self.canonical else None
+        try:
+            if self.native is not None:
+                logits = self.native.forward(tokens, positions, self.cache, layout, logits_to_keep)
+                if logits is not None:
+                    return logits
+            return self._stock_forward(tokens, positions, allowed, key_pos, layout, logits_to_keep)
+        finally:
+            self.cache.end_write(n)
+
+    def _stock_forward(self, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
+                       key_pos: torch.Tensor, layout, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        """The model's own forward, with the additive masks its attention layers take."""
         mask = self._additive(allowed)
         if self.sliding_window is not None:
             near = (positions[:, :, None] - key_pos[:, None, :]) < self.sliding_window
             mask = {"full_attention": mask, "sliding_attention": self._additive(allowed & near)}
-        extra = {"castspec_layout": key_layout(allowed, key_pos, positions, token_valid)} if self.canonical else {}
-        try:
-            out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep, **extra)
-        finally:
-            self.cache.end_write(n)
+        extra = {"castspec_layout": layout} if layout is not None else {}
+        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=logits_to_keep, **extra)
         return out.logits
 
     def _visible(self, block_mask: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
