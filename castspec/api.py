@@ -124,7 +124,10 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
     if draft_model is not None and draft_vocab:
         reduce_draft_vocab(draft_model, draft_vocab, keep=_eos_token_ids(target_model, tokenizer))
     if draft_model is not None and draft_quant == "q4k":
-        use_gguf_linears(draft_model)  # quantized here: the 0.5B's 896 inputs are not whole GGUF blocks
+        # quantized here (the 0.5B's 896 inputs are not whole GGUF blocks); its output head in Q4_K too: 39 instead
+        # of 72 MB read per forward (14.8 vs 15.7 ms at n = 1, AVX2 host) and no fewer tokens accepted on 6
+        # HumanEval prompts (3.33 vs 3.16 per step)
+        use_gguf_linears(draft_model, head_qtype="Q4_K")
     if on_cpu and fast_kernels and draft_model is not None:
         use_lean_layers(draft_model)  # fewer torch calls per layer, q/k/v and gate/up fused (before int8)
         use_native_layers(draft_model)  # a q4k draft's layers: one native call each (others stay lean)

@@ -265,6 +265,7 @@ def test_a_q4k_draft_with_padded_inputs_runs_native_layers(tmp_path, capsys):
     target, draft = save_tiny(tmp_path / "t", seed=0), save_tiny(tmp_path / "d", seed=0, layers=1, hidden=96)
     gen = api.load_generator(target, draft, policy="chain", draft_quant="q4k")
     assert sum(isinstance(m, NativeDecoderLayer) for m in gen.models["draft"].modules()) == 1
+    assert gen.models["draft"].lm_head.qtype == "Q4_K"  # a draft's head need not be finer than its layers
     code = main(["generate", "--target", target, "--draft", draft, "--draft-quant", "q4k", "--policy", "chain",
                  "--prompt", "hello world", "--max-new-tokens", "10", "--json", "--compare"])
     result = json.loads(capsys.readouterr().out)

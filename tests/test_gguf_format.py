@@ -137,6 +137,11 @@ def test_a_model_without_a_gguf_is_quantized_here():
     use_gguf_linears(model)
     kinds = {name: m.qtype for name, m in model.named_modules() if isinstance(m, GGUFLinear)}
     assert kinds["lm_head"] == "Q6_K" and set(kinds.values()) == {"Q4_K", "Q6_K"} and len(kinds) == 2 * 7 + 1
+    coarse = tiny("qwen2")
+    use_gguf_linears(coarse, head_qtype="Q4_K")
+    assert coarse.lm_head.qtype == "Q4_K"
+    with pytest.raises(ValueError, match="unsupported block type"):
+        use_gguf_linears(tiny("qwen2"), head_qtype="Q8_0")
 
 
 def test_input_sizes_that_are_not_whole_blocks_are_padded_with_zero_columns():
@@ -181,3 +186,18 @@ def test_sibling_projections_sharing_one_quantized_input_equal_each_alone():
     x = torch.randn(2, 3, 512, generator=torch.Generator().manual_seed(4))
     assert can_share_input(members) and not can_share_input([gguf_linear("Q4_K")])  # 99 columns: not whole groups
     assert torch.equal(projections(members, x), torch.cat([m(x) for m in members], dim=-1))
+
+
+def test_a_q4k_models_cost_table_is_keyed_by_its_blocks_and_kernel_build(tmp_path):
+    """A cost table measured with other kernels, or with a head of another block type (blocks are buffers: the
+    parameter count does not change), is not this model's: its path differs."""
+    from castspec.cost.profiler import expected_meta, model_fingerprint, table_path
+    from castspec.models.native import build_key
+
+    fine, coarse = tiny("qwen2"), tiny("qwen2")
+    use_gguf_linears(fine)
+    use_gguf_linears(coarse, head_qtype="Q4_K")
+    print_fine, print_coarse = model_fingerprint(fine), model_fingerprint(coarse)
+    assert print_fine["hash"] == print_coarse["hash"] and print_fine["q4k"].startswith(build_key())
+    assert table_path(expected_meta({"target": fine}), tmp_path) != table_path(expected_meta({"target": coarse}),
+                                                                                 tmp_path)

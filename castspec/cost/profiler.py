@@ -92,7 +92,19 @@ def model_fingerprint(model) -> dict[str, Any]:
            "kernels": describe_kernels(model), "params": params}
     if draft_vocab_ids(model) is not None:  # a reduced output head (its parameter count is in the hash too)
         out["proposes"] = draft_vocab_size(model)
+    if "q4k" in out["kernels"]:
+        out["q4k"] = _q4k_identity(model)
     return out
+
+
+def _q4k_identity(model) -> str:
+    """The native kernels' build and the bytes of the model's blocks (buffers, not parameters: a head quantized to
+    Q4_K instead of Q6_K changes no parameter count but what a forward reads)."""
+    from castspec.models.gguf_format import GGUFLinear
+    from castspec.models.native import build_key
+
+    blocks = sum(m.blocks.numel() for m in model.modules() if isinstance(m, GGUFLinear))
+    return f"{build_key()}:{blocks}"
 
 
 def expected_meta(models: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +115,8 @@ def expected_meta(models: dict[str, Any]) -> dict[str, Any]:
 
 def table_path(meta: dict[str, Any], home: Path) -> Path:
     key = "|".join([meta["device"], str(meta["threads"])] +
-                   [f"{r}:{m['hash']}:{m['dtype']}:{m['kernels']}" for r, m in sorted(meta["models"].items())])
+                   [f"{r}:{m['hash']}:{m['dtype']}:{m['kernels']}" + (f":{m['q4k']}" if "q4k" in m else "")
+                    for r, m in sorted(meta["models"].items())])
     return home / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 

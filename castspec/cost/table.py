@@ -140,7 +140,7 @@ class CostTable:
             have = self.meta.get("models", {}).get(role)
             if have is None:
                 raise CastspecError(f"cost table has no {role} model; profile again")
-            for key in ("hash", "dtype", "kernels"):
+            for key in ("hash", "dtype", "kernels", "q4k"):
                 if have.get(key) != want.get(key):
                     raise CastspecError(f"cost table's {role} differs ({key}: {have.get(key)!r} vs "
                                         f"{want.get(key)!r}); profile again for this model pair")

@@ -321,12 +321,13 @@ def _check_same_weight(name: str, module: nn.Module, blocks: np.ndarray, qtype: 
                             f"layout castspec does not know); use --target-dtype fp32 or int8")
 
 
-def use_gguf_linears(model: nn.Module, gguf_path: str | Path | None = None) -> int:
+def use_gguf_linears(model: nn.Module, gguf_path: str | Path | None = None, head_qtype: str = "Q6_K") -> int:
     """Make every CPU linear of `model` a `GGUFLinear`, in place; returns how many.
 
     With `gguf_path`, weights are the file's blocks (rows reordered where llama.cpp stores them differently; the
-    first layer's are checked against the HF weights); without, they are quantized here (Q4_K, lm_head Q6_K), with
-    zero columns up to a multiple of 256 inputs where the input size is not one (the 0.5B draft's 896).
+    first layer's are checked against the HF weights); without, they are quantized here (Q4_K, lm_head
+    `head_qtype`), with zero columns up to a multiple of 256 inputs where the input size is not one (the 0.5B
+    draft's 896).
     """
     from castspec.models.kernels import _replace_modules
     from castspec.models.native import library
@@ -346,7 +347,9 @@ def use_gguf_linears(model: nn.Module, gguf_path: str | Path | None = None) -> i
         weight = module.weight.detach()
         bias = getattr(module, "bias", None)
         if reader is None:
-            qtype = "Q6_K" if name == "lm_head" else "Q4_K"
+            qtype = head_qtype if name == "lm_head" else "Q4_K"
+            if qtype not in GGUF_BYTES:
+                raise ValueError(f"unsupported block type {qtype}")
             raw = np.pad(weight.float().numpy(), ((0, 0), (0, -weight.shape[1] % QK)))
             blocks = quantize_q6k(raw) if qtype == "Q6_K" else quantize_q4k(raw)
         else:

@@ -46,12 +46,18 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX") or "g++") or shutil.which("c++")
 
 
+@functools.cache
+def build_key() -> str:
+    """Identity of the kernels built here: their sources, flags and torch's version (a cost measured with other
+    kernels does not describe these)."""
+    text = b"".join(source.read_bytes() for source in SOURCES)
+    return hashlib.sha256(text + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
+
+
 def _build_dir() -> Path:
     from castspec.models.packaged import castspec_home
 
-    text = b"".join(source.read_bytes() for source in SOURCES)
-    key = hashlib.sha256(text + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()
-    return castspec_home() / "kernels" / key[:16]
+    return castspec_home() / "kernels" / build_key()
 
 
 def _build(target: Path, compiler: str) -> None:
