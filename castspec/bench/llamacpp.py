@@ -1,7 +1,8 @@
 """`llama.cpp` as a bench method: plain greedy decoding of the same GGUF file through llama-cpp-python.
 
 A reference point from outside castspec: the Q4_K_M GGUF that castspec's target is converted from (castspec runs
-it dequantized to float32), decoded by llama.cpp's own quantized kernels, fed the same prompt token ids, with the
+it in its target format: dequantized to float32, re-quantized to int8, or its own blocks with castspec's kernels),
+decoded by llama.cpp's own quantized kernels, fed the same prompt token ids, with the
 same token budget and EOS ids and the bench's thread count. Its arithmetic differs from ours, so its output may
 differ from `ar`'s token for token; the bench reports the agreement and never counts a difference as a failure.
 
@@ -34,9 +35,10 @@ SPEC_BINARY_ENV = "CASTSPEC_LLAMA_SPECULATIVE"
 LLAMACPP_VERSION = "0.3.36"  # the pinned llama-cpp-python (pyproject's `llamacpp` extra)
 INSTALL_HINT = (f"pip install 'castspec[llamacpp]' (llama-cpp-python=={LLAMACPP_VERSION}; build flags in the "
                 f"README)")
-DIFFERENT_ARITHMETIC = ("llama.cpp decodes the GGUF with its own quantized kernels, castspec the same weights "
-                        "dequantized to float32: different arithmetic, so differing outputs are expected there and "
-                        "are not a failure of exactness")
+DIFFERENT_ARITHMETIC = ("llama.cpp decodes the GGUF with its own kernels, castspec the same weights in its target "
+                        "format (fp32: dequantized; q4k: the same blocks with castspec's own kernels and rounding "
+                        "order): different arithmetic, so differing outputs are expected there and are not a failure "
+                        "of exactness")
 _CTX_STEP = 1024
 
 
