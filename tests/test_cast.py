@@ -260,3 +260,36 @@ def test_cost_curve_is_monotone_in_new_tokens():
 
     assert monotone([267, 277, 298, 884, 311, 387]) == pytest.approx([267, 277, 298, 527.3333, 527.3333, 527.3333])
     assert monotone([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+
+
+def _width_by_one_search_per_width(policy, sorted_logacc, edge_logp) -> int:
+    """The auto width search rating one width at a time (the definition `_choose_auto` batches)."""
+    keep = min(sorted_logacc.shape[1], policy.verify_cap)
+    pool = torch.cat(policy.node_logacc + [sorted_logacc[:, :keep]], dim=1).exp()
+    best_rate, best_width = policy._best_rate(pool, policy.draft_ms)[0], 0
+    rank_logacc = policy.calibration.log(edge_logp.mean(dim=(0, 1)))
+    for width in range(1, min(keep, policy.max_width) + 1):
+        predicted = (sorted_logacc[:, :width, None] + rank_logacc[None, None, :]).flatten(1).exp()
+        rate = policy._best_rate(torch.cat([pool, predicted], dim=1), policy.draft_ms + policy.draft_w_ms[width])[0]
+        if rate > best_rate * 1.0001:
+            best_rate, best_width = rate, width
+    return best_width
+
+
+def test_auto_rates_all_widths_at_once_as_it_would_one_at_a_time():
+    generator = torch.Generator().manual_seed(0)
+    widths = set()
+    for table in (STEEP, FLAT):
+        for batch in (1, 3):
+            policy = make_policy("cast")
+            policy.attach_costs(OnlineCosts(table))
+            policy.begin_step(StepContext(batch_size=batch, context_len=200, remaining=100))
+            for trial in range(6):
+                logacc = (torch.rand(batch, 16, generator=generator) ** (trial + 1)).log()
+                sorted_logacc = torch.sort(logacc, dim=1, descending=True).values
+                edge_logp = (torch.rand(batch, 4, 4, generator=generator) ** (trial + 1)).log()
+                policy.node_logacc = [torch.rand(batch, trial, generator=generator).log()]
+                _, width = policy._choose_auto(sorted_logacc, edge_logp, edge_logp, torch.zeros_like(edge_logp).long())
+                assert width == _width_by_one_search_per_width(policy, sorted_logacc, edge_logp)
+                widths.add(width)
+    assert len(widths) > 2  # the cases reach several different widths

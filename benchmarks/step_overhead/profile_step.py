@@ -40,6 +40,17 @@ class Clock:
         self._start = 0.0
         runner.model.register_forward_pre_hook(self._enter)
         runner.model.register_forward_hook(self._leave)
+        if runner.native is not None:  # a native stack runs the model without its module call: time that instead
+            stack_forward = runner.native.forward
+
+            def stack_timed(*args, **kwargs):
+                self._enter()
+                try:
+                    return stack_forward(*args, **kwargs)
+                finally:
+                    self._leave()
+
+            runner.native.forward = stack_timed
         inner = runner.forward
 
         def timed(*args, **kwargs):

@@ -241,20 +241,33 @@ class CastPolicy(TreePolicy):
                      edge_source: torch.Tensor) -> tuple[int, int]:
         """Keep the best candidates (for verification); expand the width that maximises the predicted rate."""
         keep = min(sorted_logacc.shape[1], self.verify_cap)
+        widths = min(keep, self.max_width)
         pool = torch.cat(self.node_logacc + [sorted_logacc[:, :keep]], dim=1).exp()
-        best_rate, best_width = self._best_rate(pool, self.draft_ms)[0], 0
         # The next level, predicted: each expanded node's children at the ranks this level's children had (from a
         # draft model alone: the calibrated mean rank score; from mixed sources: the mean calibrated acceptance).
         if bool((edge_source == SOURCE_LM).all()):
             rank_logacc = self.calibration.log(edge_logp.mean(dim=(0, 1)))  # [k]
         else:
             rank_logacc = edge_logacc.exp().mean(dim=(0, 1)).clamp(min=1e-6).log()
-        for width in range(1, min(keep, self.max_width) + 1):
-            predicted = (sorted_logacc[:, :width, None] + rank_logacc[None, None, :]).flatten(1).exp()
-            rate = self._best_rate(torch.cat([pool, predicted], dim=1), self.draft_ms + self.draft_w_ms[width])[0]
-            if rate > best_rate * 1.0001:
-                best_rate, best_width = rate, width
+        # every width at once (0: stop here): width w adds the children of the w best nodes, the rest count as 0
+        children = (sorted_logacc[:, :widths, None] + rank_logacc[None, None, :]).exp()  # [B, widths, k]
+        expanded = torch.arange(widths + 1)[:, None, None, None] > torch.arange(widths)[None, None, :, None]
+        pools = torch.cat([pool.expand(widths + 1, -1, -1), (children[None] * expanded).flatten(2)], dim=2)
+        draft_ms = torch.tensor([self.draft_ms] + [self.draft_ms + self.draft_w_ms[w] for w in range(1, widths + 1)])
+        rates = self._best_rates(pools, draft_ms).tolist()
+        best_rate, best_width = rates[0], 0
+        for width in range(1, widths + 1):
+            if rates[width] > best_rate * 1.0001:
+                best_rate, best_width = rates[width], width
         return keep, best_width
+
+    def _best_rates(self, accept: torch.Tensor, draft_ms: torch.Tensor) -> torch.Tensor:
+        """`_best_rate` of several candidate pools at once, [P, B, L] (zeros: no candidate; they never raise a rate),
+        each with its drafting time [P]: the best rate of each [P]."""
+        count = min(accept.shape[2], self.verify_cap)
+        utility = torch.sort(accept, dim=2, descending=True).values[:, :, :count].cumsum(dim=2).mean(dim=1)
+        expected = torch.cat([torch.ones(accept.shape[0], 1), 1.0 + utility], dim=1)  # m = 0, 1, ..., count
+        return (expected / (draft_ms[:, None] + self.verify_ms[None, : count + 1])).amax(dim=1)
 
     def _best_rate(self, accept: torch.Tensor, draft_ms: float) -> tuple[float, int]:
         """Best expected tokens per ms over verify counts m: (1 + sum of the m best acceptances) / time."""
