@@ -293,3 +293,15 @@ def test_auto_rates_all_widths_at_once_as_it_would_one_at_a_time():
                 assert width == _width_by_one_search_per_width(policy, sorted_logacc, edge_logp)
                 widths.add(width)
     assert len(widths) > 2  # the cases reach several different widths
+
+
+def test_online_costs_look_a_steps_shapes_up_once_and_rescale_them_every_time():
+    costs = OnlineCosts(FLAT)
+    calls = []
+    table_ms = costs.table_ms
+    costs.table_ms = lambda *args: calls.append(args) or table_ms(*args)
+    first = costs.times_ms("target", 1, 200, range(1, 9))
+    assert first == [costs.time_ms("target", 1, 200, n) for n in range(1, 9)] and len(calls) == 8 + 8
+    costs.observe("target", predicted_ms=first[0], measured_ms=2 * first[0])
+    assert costs.times_ms("target", 1, 200, range(1, 9)) == [t * costs.scale["target"] for t in first]
+    assert len(calls) == 8 + 8  # the second lookup used the cached shapes

@@ -63,9 +63,9 @@ def test_cast_counts_no_drafting_time_for_a_free_drafter():
     from castspec.policies import make_policy
 
     class NoDraftCosts(OnlineCosts):
-        def time_ms(self, role: str, batch: int, context: int, tokens: int) -> float:
+        def table_ms(self, role: str, batch: int, context: int, tokens: int) -> float:
             assert role != "draft", "a free drafter's cost was looked up"
-            return super().time_ms(role, batch, context, tokens)
+            return super().table_ms(role, batch, context, tokens)
 
     policy = make_policy("cast")
     policy.attach_costs(NoDraftCosts(FLAT))

@@ -183,9 +183,23 @@ class OnlineCosts:
         self.table = table
         self.smoothing = smoothing
         self.scale = dict.fromkeys(ROLES, 1.0)
+        self._curves: dict[tuple, list[float]] = {}  # table times by (role, batch, context index, token counts)
+
+    def table_ms(self, role: str, batch: int, context: int, tokens: int) -> float:
+        """The table's own estimate (every lookup goes through here)."""
+        return self.table.time_ms(role, batch, context, tokens)
 
     def time_ms(self, role: str, batch: int, context: int, tokens: int) -> float:
-        return self.table.time_ms(role, batch, context, tokens) * self.scale[role]
+        return self.table_ms(role, batch, context, tokens) * self.scale[role]
+
+    def times_ms(self, role: str, batch: int, context: int, tokens: range) -> list[float]:
+        """`time_ms` for several token counts at once; the table's part is looked up once per batch size and grid
+        context (a policy asks for the same ~80 shapes every step)."""
+        key = (role, batch, self.table.select_context(context), tokens.start, tokens.stop, tokens.step)
+        if key not in self._curves:
+            self._curves[key] = [self.table_ms(role, batch, context, n) for n in tokens]
+        scale = self.scale[role]
+        return [t * scale for t in self._curves[key]]
 
     def observe(self, role: str, predicted_ms: float, measured_ms: float) -> None:
         if predicted_ms <= 0 or measured_ms <= 0:

@@ -142,9 +142,11 @@ class CastPolicy(TreePolicy):
         """This step's cost lookups and fresh per-step state; decides whether it is a plain-decoding step."""
         ctx = self.ctx
         # Costs of this step's possible shapes, looked up once: verify m nodes (+ root), draft w tokens.
-        self.verify_ms = torch.tensor([self._f("target", m + 1) for m in range(self.verify_cap + 1)])
+        self.verify_ms = torch.tensor(self.costs.times_ms("target", ctx.batch_size, ctx.context_len,
+                                                          range(1, self.verify_cap + 2)))
         widths = range(1, max(self.max_width, self.top_k) + 1)
-        self.draft_w_ms = [0.0] + [0.0 if ctx.draft_free else self._f("draft", w) for w in widths]
+        self.draft_w_ms = [0.0] + ([0.0] * len(widths) if ctx.draft_free else
+                                   self.costs.times_ms("draft", ctx.batch_size, ctx.context_len, widths))
         self.t_one = float(self.verify_ms[0])
         self.draft_ms = self.draft_w_ms[1]  # the catch-up forward over the pending tokens
         self.prev_u: float | None = None
