@@ -140,7 +140,9 @@ class TreeKVCache(Cache):
             dst = self.length[:, None] + column
             src = torch.where(column < keep_count[:, None], self.length[:, None] + keep, dst)
             rows = torch.arange(self.batch_size, device=self.device)[:, None]
-            self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]  # gathered first, so overlaps are safe
+            # a kept chain already sits where it belongs (the common case on the CPU, where checking costs no sync)
+            if self.device.type != "cpu" or not torch.equal(src, dst):
+                self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]  # gathered first, so overlaps are safe
         self.length = self.length + keep_count
         self.block = 0
         self._sync_lengths()
