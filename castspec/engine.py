@@ -313,6 +313,7 @@ class SpeculativeGenerator:
             drafter = self.drafter
         return BatchState(drafter=drafter, start_time=time.perf_counter())
 
+    @torch.inference_mode()  # every tensor of a live batch is made and changed here (no autograd bookkeeping)
     def add_rows(self, state: BatchState, keys: list[int], prompts: list[list[int]], max_new_tokens: list[int],
                  choosers: list[TokenChooser]) -> list[tuple[int, list[int], bool]]:
         """Prefill new sequences (target, and draft if the batch speculates) and merge them into the live batch.
@@ -369,12 +370,14 @@ class SpeculativeGenerator:
         limits = [runner.max_positions for runner in runners if runner.max_positions]
         return min(limits) - prompt_len - CONTEXT_MARGIN if limits else None
 
+    @torch.inference_mode()  # every tensor of a live batch is made and changed here (no autograd bookkeeping)
     def step(self, state: BatchState) -> list[tuple[int, list[int], bool]]:
         """One speculative step for every live row: (key, new tokens, finished). Finished rows have left."""
         if not state.rows:
             return []
         return self._finish(state, list(state.rows), self._step(state))
 
+    @torch.inference_mode()  # every tensor of a live batch is made and changed here (no autograd bookkeeping)
     def remove_rows(self, state: BatchState, keys: list[int]) -> None:
         """These sequences leave the batch now (cancelled): they cost no more work."""
         gone = set(keys) & set(state.rows)
