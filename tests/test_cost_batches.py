@@ -74,3 +74,16 @@ def test_cached_quick_table_is_measured_again_with_the_missing_sizes(models, mea
     assert warnings_in(capsys.readouterr().err) == []
     load_or_profile(models, max_batch_size=2, home=tmp_path)  # now covered: read from the cache
     assert len(measured) == 1
+
+
+def test_a_cell_is_read_in_rounds_and_cheap_shapes_more_often(monkeypatch):
+    """A busy moment spoils one reading of several shapes, not every reading of one: shapes take turns; shapes of
+    at most `cheap_tokens` tokens (what small trees verify) are read `cheap_repeats` times, the rest `repeats`."""
+    order = []
+    monkeypatch.setattr(profiler, "_time_forward", lambda runner, n: order.append(n) or float(len(order)))
+    grid = Grid(batch_sizes=[2], contexts=[64], tokens=[1, 4, 16, 128], repeats=2, max_batch_tokens=64,
+                cheap_repeats=3, cheap_tokens=8)
+    finished = []
+    times = profiler._read_cell(None, 2, grid, lambda n: None, finished.append)
+    assert order == [1, 4, 16, 1, 4, 16, 1, 4]  # B x n = 256 is skipped; 2 x 16 = 32 > 8 tokens: two rounds only
+    assert {ni: len(t) for ni, t in times.items()} == {0: 3, 1: 3, 2: 2} and len(finished) == 3

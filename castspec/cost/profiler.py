@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ class Grid:
     tokens: list[int]
     repeats: int = 3
     max_batch_tokens: int = 128  # skip B x n beyond this (never worth verifying on a CPU) to keep profiling short
+    cheap_repeats: int = 5  # shapes of at most `cheap_tokens` (B x n) tokens, the ones small trees use, read more
+    cheap_tokens: int = 8
 
 
 DEFAULT_GRID = Grid(batch_sizes=[1, 2, 4, 8], contexts=[256, 1024], tokens=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64])
@@ -136,14 +139,11 @@ def profile(models: dict[str, Any], grid: Grid, progress: bool = True) -> CostTa
         runner = CausalLMRunner(models[role], canonical=role != "draft")  # as the engine runs it
         _synthetic_context(runner, b, c)
         _time_forward(runner, 1)  # warm-up once per cell: first-touch allocations are not the model's cost
-        for ni, n in enumerate(grid.tokens):
-            if b * n > grid.max_batch_tokens and n != 1:
-                continue
-            bar.set_postfix_str(f"{role} B={b} c={c} n={n}")
-            times = [_time_forward(runner, n) for _ in range(grid.repeats)]
+        times = _read_cell(runner, b, grid, lambda n, b=b, role=role, c=c: bar.set_postfix_str(
+            f"{role} B={b} c={c} n={n}"), bar.update)
+        for ni, readings in times.items():
             # The fastest run: on a shared machine, noise only ever adds time; the online scale tracks the level.
-            ms[role][grid.batch_sizes.index(b)][grid.contexts.index(c)][ni] = round(min(times), 3)
-            bar.update(1)
+            ms[role][grid.batch_sizes.index(b)][grid.contexts.index(c)][ni] = round(min(readings), 3)
         del runner
     bar.close()
     meta = expected_meta(models)
@@ -155,6 +155,24 @@ def profile(models: dict[str, Any], grid: Grid, progress: bool = True) -> CostTa
     if ratios is not None:  # for reading the table: what a draft level costs against a plain decoding step
         table.extra["draft_vs_target_1"] = ratios
     return table
+
+
+def _read_cell(runner: CausalLMRunner, batch: int, grid: Grid, show: Callable[[int], None],
+               done: Callable[[int], None]) -> dict[int, list[float]]:
+    """Readings of every token count of one (role, batch, context) cell, {grid index: ms}, taken in rounds over
+    the counts, so that a busy moment of a shared machine spoils one reading of several shapes rather than every
+    reading of one; cheap shapes get more rounds."""
+    shapes = [(ni, n) for ni, n in enumerate(grid.tokens) if batch * n <= grid.max_batch_tokens or n == 1]
+    rounds = {ni: grid.cheap_repeats if batch * n <= grid.cheap_tokens else grid.repeats for ni, n in shapes}
+    times: dict[int, list[float]] = {ni: [] for ni, _ in shapes}
+    for rep in range(max(rounds.values(), default=0)):
+        for ni, n in shapes:
+            if rep < rounds[ni]:
+                show(n)
+                times[ni].append(_time_forward(runner, n))
+                if rep == rounds[ni] - 1:
+                    done(1)
+    return times
 
 
 def _synthetic_context(runner: CausalLMRunner, batch: int, length: int) -> None:
