@@ -106,18 +106,14 @@ class NativeDecoderLayer(LeanDecoderLayer):
         if layout is None or not isinstance(past_key_values, TreeKVCache) or hidden_states.dtype != torch.float32 \
                 or hidden_states.device.type != "cpu":
             return super().forward(hidden_states, attention_mask, position_embeddings, past_key_values, **kwargs)
-        hidden = hidden_states.contiguous().clone()
-        self.run_in_place(hidden, position_embeddings, kwargs["position_ids"], past_key_values, layout)
-        return hidden
-
-    def run_in_place(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
-                     cache: TreeKVCache, layout) -> None:
-        """The native call: `hidden` (contiguous float32 [B, n, hidden], on the CPU) becomes the layer's output."""
         memo = self._shared.setdefault("native", _Memo())
-        step, kv = _step(memo, layout, cache, hidden, rope, positions, self)
+        step, kv = _step(memo, layout, past_key_values, hidden_states, position_embeddings, kwargs["position_ids"],
+                         self)
+        hidden = hidden_states.contiguous().clone()
         layer_kv = kv[self.layer_idx]
         self._kernels().decoder_layer(ctypes.byref(self._layer_spec()), ctypes.byref(step), hidden.data_ptr(),
                                       layer_kv[0].data_ptr(), layer_kv[1].data_ptr())
+        return hidden
 
     def _kernels(self):
         return self._modules["self_attn"]._modules["q_proj"]._kernels

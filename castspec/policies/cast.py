@@ -263,20 +263,22 @@ class CastPolicy(TreePolicy):
                 best_rate, best_width = rates[width], width
         return keep, best_width
 
-    def _best_rates(self, accept: torch.Tensor, draft_ms: torch.Tensor) -> torch.Tensor:
-        """`_best_rate` of several candidate pools at once, [P, B, L] (zeros: no candidate; they never raise a rate),
-        each with its drafting time [P]: the best rate of each [P]."""
+    def _rates(self, accept: torch.Tensor, draft_ms: torch.Tensor) -> torch.Tensor:
+        """Expected tokens per ms of several candidate pools [P, B, L] (zeros: no candidate; they never raise a
+        rate), each with its drafting time [P], for every verify count m = 0 .. count: [P, count + 1]. m counts the
+        best acceptances verified beside the root: (1 + their sum) / (drafting + verifying m + 1 nodes)."""
         count = min(accept.shape[2], self.verify_cap)
         utility = torch.sort(accept, dim=2, descending=True).values[:, :, :count].cumsum(dim=2).mean(dim=1)
         expected = torch.cat([torch.ones(accept.shape[0], 1), 1.0 + utility], dim=1)  # m = 0, 1, ..., count
-        return (expected / (draft_ms[:, None] + self.verify_ms[None, : count + 1])).amax(dim=1)
+        return expected / (draft_ms[:, None] + self.verify_ms[None, : count + 1])
+
+    def _best_rates(self, accept: torch.Tensor, draft_ms: torch.Tensor) -> torch.Tensor:
+        """The best rate of each of several candidate pools (`_rates`), [P]."""
+        return self._rates(accept, draft_ms).amax(dim=1)
 
     def _best_rate(self, accept: torch.Tensor, draft_ms: float) -> tuple[float, int]:
-        """Best expected tokens per ms over verify counts m: (1 + sum of the m best acceptances) / time."""
-        count = min(accept.shape[1], self.verify_cap)
-        utility = torch.sort(accept, dim=1, descending=True).values[:, :count].cumsum(dim=1).mean(dim=0)
-        expected = torch.cat([torch.ones(1), 1.0 + utility])  # m = 0 (root only), 1, ..., count
-        rate = expected / (draft_ms + self.verify_ms[: count + 1])
+        """Best expected tokens per ms of one pool [B, L] over verify counts m, and that m."""
+        rate = self._rates(accept[None], torch.tensor([draft_ms]))[0]
         best_m = int(rate.argmax())
         return float(rate[best_m]), best_m
 
