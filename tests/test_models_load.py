@@ -107,6 +107,34 @@ def test_tiny_model_loads(tmp_path, monkeypatch):
     assert len(ident["hash"]) == 12 and ident["hash"] == model_identity(str(d))["hash"]
 
 
+def _file_mapped(address: int, path: Path) -> bool:
+    """Whether `address` lies in this process's mapping of `path` (from /proc/self/maps)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        start, end = (int(v, 16) for v in fields[0].split("-"))
+        if start <= address < end and len(fields) >= 6 and Path(fields[5]) == path.resolve():
+            return True
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("tie", [True, False])
+def test_embedding_lives_in_owned_memory(tmp_path, tie):
+    """The embedding is read one row per token, so it must not stay a view of the mapped checkpoint (a first-seen
+    token would page-fault mid-step); the other weights may."""
+    from safetensors.torch import load_file
+
+    d = save_tiny_model(tmp_path / "tiny", tie=tie)
+    stored = load_file(d / "model.safetensors")
+    model, _ = load_model(d)
+    weight = model.get_input_embeddings().weight
+    assert not _file_mapped(weight.data_ptr(), d / "model.safetensors")
+    assert torch.equal(weight, stored["model.embed_tokens.weight"])
+    assert (model.get_output_embeddings().weight is weight) == tie  # tying survives
+    norm = model.model.norm.weight
+    assert _file_mapped(norm.data_ptr(), d / "model.safetensors")  # what the mapping looks like: the check can fail
+
+
 def test_identity_hash_changes_with_config(tmp_path):
     a = save_tiny_model(tmp_path / "a", tie=True)
     b = save_tiny_model(tmp_path / "b", tie=False)
