@@ -111,7 +111,7 @@ def test_tree_logits_equal_each_path_alone(make_model):
     int8 and for fp32 on oneDNN-packed linears (row-independent on this machine kind).
     """
     model = make_model(seed=3, hidden=256)
-    prefix = [int(t) for t in torch.randint(3, VOCAB, (60,), generator=torch.Generator().manual_seed(0))]
+    prefix = [int(t) for t in torch.randint(3, VOCAB, (150,), generator=torch.Generator().manual_seed(0))]
     # a depth-4 tree: root 7 -> a(10), b(11); a -> c(12), d(13); c -> e(14); b -> f(15)
     tokens = torch.tensor([[7, 10, 11, 12, 13, 14, 15]])
     parents = [-1, 0, 0, 1, 1, 3, 2]

@@ -176,12 +176,13 @@ static void scores_of_heads(int64_t heads, const float* q, const float* keys, co
     }
 }
 
-// acc[0:8*V] = sum over j of w[j] * values[slots[j]][0:8*V], in j order, the accumulators held in registers.
+// acc[0:8*V] (+)= sum over j of w[j] * values[slots[j]][0:8*V], in j order, the accumulators held in registers;
+// `first` starts them at zero, else they continue from acc (a sum split over key blocks adds in the same order).
 template <int V>
 static inline void weighted_sum(const float* w, const int64_t* slots, int64_t count, const float* values, int64_t d,
-                                float* acc) {
+                                float* acc, bool first) {
     __m256 r[V];
-    for (int t = 0; t < V; t++) r[t] = _mm256_setzero_ps();
+    for (int t = 0; t < V; t++) r[t] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + 8 * t);
     for (int64_t j = 0; j < count; j++) {
         const __m256 wj = _mm256_set1_ps(w[j]);
         const float* v = values + slots[j] * d;
@@ -190,51 +191,94 @@ static inline void weighted_sum(const float* w, const int64_t* slots, int64_t co
     for (int t = 0; t < V; t++) _mm256_storeu_ps(acc + 8 * t, r[t]);
 }
 
-// One query row and kv head: the group's query heads attend to the row's keys in position order.
-static void attend(const LayerSpec& L, const StepSpec& S, int64_t r, int64_t h, const float* qkv, int64_t qkv_ld,
-                   const float* kcache, const float* vcache, float* out) {
-    const int64_t d = L.head_dim, groups = L.heads / L.kv_heads, b = r / S.n;
-    const int64_t own = S.in_place[b] < S.positions[r] + 1 ? S.in_place[b] : S.positions[r] + 1;
-    std::vector<int64_t> slots;
-    slots.reserve(own + S.tail_width);
-    for (int64_t j = 0; j < own; j++) slots.push_back(j);
-    for (int64_t t = 0; t < S.tail_width; t++)
-        if (S.tail_valid[r * S.tail_width + t]) slots.push_back(S.tail[r * S.tail_width + t]);
-    const int64_t count = (int64_t)slots.size(), padded = (count + 7) / 8 * 8;
+static void weighted_sum_row(const float* w, const int64_t* slots, int64_t count, const float* values, int64_t d,
+                             float* acc, bool first) {
+    for (int64_t c = 0; c < d; c += 64) {  // 8 registers of the output at a time
+        switch ((d - c) >= 64 ? 8 : (d - c) / 8) {
+            case 8: weighted_sum<8>(w, slots, count, values + c, d, acc + c, first); break;
+            case 7: weighted_sum<7>(w, slots, count, values + c, d, acc + c, first); break;
+            case 6: weighted_sum<6>(w, slots, count, values + c, d, acc + c, first); break;
+            case 5: weighted_sum<5>(w, slots, count, values + c, d, acc + c, first); break;
+            case 4: weighted_sum<4>(w, slots, count, values + c, d, acc + c, first); break;
+            case 3: weighted_sum<3>(w, slots, count, values + c, d, acc + c, first); break;
+            case 2: weighted_sum<2>(w, slots, count, values + c, d, acc + c, first); break;
+            default: weighted_sum<1>(w, slots, count, values + c, d, acc + c, first); break;
+        }
+    }
+}
+
+// Keys per block of the prefix that a task's rows share: 64 keys and their values (2 x 32 KB at head_dim 128) stay
+// in cache while every row of the task uses them, so each is read from memory once per task, not once per row.
+#define KEY_BLOCK 64
+#define ATTEND_ROWS 8  // rows of one sequence per task
+
+// Rows [r0, r1) of one sequence and one kv head: each row's group of query heads attends to the row's keys in
+// position order (the committed prefix in place up to the row's own position, then its listed slots). The key
+// prefix all the rows see is visited block by block for all rows together; per (row, head, key) the arithmetic and
+// its order are those of the row alone, so the result is bitwise the same whoever shares the task.
+static void attend_rows(const LayerSpec& L, const StepSpec& S, int64_t r0, int64_t r1, int64_t h, const float* qkv,
+                        int64_t qkv_ld, const float* kcache, const float* vcache, float* out) {
+    const int64_t d = L.head_dim, groups = L.heads / L.kv_heads, b = r0 / S.n, rows = r1 - r0;
     const float* keys = kcache + (b * L.kv_heads + h) * S.capacity * d;
     const float* values = vcache + (b * L.kv_heads + h) * S.capacity * d;
-    std::vector<float> scores(groups * padded, -INFINITY);
-    std::vector<float> acc(d);
-    scores_of_heads(groups, qkv + r * qkv_ld + h * groups * d, keys, slots.data(), count, d, L.scale, scores.data(),
-                    padded);
-    for (int64_t g = 0; g < groups; g++) {
-        float* s = scores.data() + g * padded;
-        float top = -INFINITY;
-        for (int64_t j = 0; j < count; j++) top = s[j] > top ? s[j] : top;
-        __m256 total = _mm256_setzero_ps();
-        for (int64_t j = 0; j < padded; j += 8) {  // lanes by key index; padding lanes are exp(-inf) = 0
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(top)));
-            const __m256 live = _mm256_cmp_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-            const __m256 w = _mm256_and_ps(e, live);
-            _mm256_storeu_ps(s + j, w);
-            total = _mm256_add_ps(total, w);
-        }
-        const float sum = hsum(total);
-        for (int64_t c = 0; c < d; c += 64) {  // 8 registers of the output at a time
-            switch ((d - c) >= 64 ? 8 : (d - c) / 8) {
-                case 8: weighted_sum<8>(s, slots.data(), count, values + c, d, acc.data() + c); break;
-                case 7: weighted_sum<7>(s, slots.data(), count, values + c, d, acc.data() + c); break;
-                case 6: weighted_sum<6>(s, slots.data(), count, values + c, d, acc.data() + c); break;
-                case 5: weighted_sum<5>(s, slots.data(), count, values + c, d, acc.data() + c); break;
-                case 4: weighted_sum<4>(s, slots.data(), count, values + c, d, acc.data() + c); break;
-                case 3: weighted_sum<3>(s, slots.data(), count, values + c, d, acc.data() + c); break;
-                case 2: weighted_sum<2>(s, slots.data(), count, values + c, d, acc.data() + c); break;
-                default: weighted_sum<1>(s, slots.data(), count, values + c, d, acc.data() + c); break;
+    std::vector<std::vector<int64_t>> slots(rows);
+    std::vector<std::vector<float>> scores(rows), acc(rows);
+    int64_t shared = INT64_MAX;
+    for (int64_t i = 0; i < rows; i++) {
+        const int64_t r = r0 + i, own = S.in_place[b] < S.positions[r] + 1 ? S.in_place[b] : S.positions[r] + 1;
+        slots[i].reserve(own + S.tail_width);
+        for (int64_t j = 0; j < own; j++) slots[i].push_back(j);
+        for (int64_t t = 0; t < S.tail_width; t++)
+            if (S.tail_valid[r * S.tail_width + t]) slots[i].push_back(S.tail[r * S.tail_width + t]);
+        scores[i].assign(groups * ((slots[i].size() + 7) / 8 * 8), -INFINITY);
+        acc[i].resize(groups * d);
+        shared = own < shared ? own : shared;
+    }
+    const float* q0 = qkv + h * groups * d;
+    auto ld = [&](int64_t i) { return (int64_t)scores[i].size() / groups; };
+    for (int64_t j0 = 0; j0 < shared; j0 += KEY_BLOCK) {
+        const int64_t n = shared - j0 < KEY_BLOCK ? shared - j0 : KEY_BLOCK;
+        for (int64_t i = 0; i < rows; i++)
+            scores_of_heads(groups, q0 + (r0 + i) * qkv_ld, keys, slots[i].data() + j0, n, d, L.scale,
+                            scores[i].data() + j0, ld(i));
+    }
+    std::vector<float> total(rows * groups);
+    for (int64_t i = 0; i < rows; i++) {
+        const int64_t count = (int64_t)slots[i].size();
+        scores_of_heads(groups, q0 + (r0 + i) * qkv_ld, keys, slots[i].data() + shared, count - shared, d, L.scale,
+                        scores[i].data() + shared, ld(i));
+        for (int64_t g = 0; g < groups; g++) {
+            float* s = scores[i].data() + g * ld(i);
+            float top = -INFINITY;
+            for (int64_t j = 0; j < count; j++) top = s[j] > top ? s[j] : top;
+            __m256 sum = _mm256_setzero_ps();
+            for (int64_t j = 0; j < ld(i); j += 8) {  // lanes by key index; padding lanes are exp(-inf) = 0
+                const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(top)));
+                const __m256 live = _mm256_cmp_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+                const __m256 w = _mm256_and_ps(e, live);
+                _mm256_storeu_ps(s + j, w);
+                sum = _mm256_add_ps(sum, w);
             }
+            total[i * groups + g] = hsum(sum);
         }
-        float* o = out + r * L.o.k + (h * groups + g) * d;
-        const float inv = sum > 0 ? 1.0f / sum : 0.0f;
-        for (int64_t i = 0; i < d; i++) o[i] = acc[i] * inv;
+    }
+    for (int64_t j0 = 0; j0 < shared; j0 += KEY_BLOCK) {
+        const int64_t n = shared - j0 < KEY_BLOCK ? shared - j0 : KEY_BLOCK;
+        for (int64_t i = 0; i < rows; i++)
+            for (int64_t g = 0; g < groups; g++)
+                weighted_sum_row(scores[i].data() + g * ld(i) + j0, slots[i].data() + j0, n, values, d,
+                                 acc[i].data() + g * d, j0 == 0);
+    }
+    for (int64_t i = 0; i < rows; i++) {
+        const int64_t count = (int64_t)slots[i].size();
+        for (int64_t g = 0; g < groups; g++) {
+            float* a = acc[i].data() + g * d;
+            weighted_sum_row(scores[i].data() + g * ld(i) + shared, slots[i].data() + shared, count - shared, values,
+                             d, a, shared == 0);
+            float* o = out + (r0 + i) * L.o.k + (h * groups + g) * d;
+            const float sum = total[i * groups + g], inv = sum > 0 ? 1.0f / sum : 0.0f;
+            for (int64_t c = 0; c < d; c++) o[c] = a[c] * inv;
+        }
     }
 }
 
@@ -259,9 +303,14 @@ static void attention_block(const LayerSpec& L, const StepSpec& S, float* hidden
             memcpy(vcache + at, row + qd + kd + h * d, d * sizeof(float));
         }
     }
+    const int64_t chunks = (S.n + ATTEND_ROWS - 1) / ATTEND_ROWS;  // tasks: (sequence, row chunk, kv head)
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t task = 0; task < rows * L.kv_heads; task++)
-        attend(L, S, task / L.kv_heads, task % L.kv_heads, qkv.data(), ld, kcache, vcache, att.data());
+    for (int64_t task = 0; task < S.batch * chunks * L.kv_heads; task++) {
+        const int64_t h = task % L.kv_heads, chunk = task / L.kv_heads % chunks, b = task / L.kv_heads / chunks;
+        const int64_t r0 = b * S.n + chunk * ATTEND_ROWS, r1 = r0 + ATTEND_ROWS < (b + 1) * S.n ? r0 + ATTEND_ROWS
+                                                                                             : (b + 1) * S.n;
+        attend_rows(L, S, r0, r1, h, qkv.data(), ld, kcache, vcache, att.data());
+    }
     quantize(att.data(), rows, L.o.k, a);
     linear_into(L.o, a, proj.data(), H);
     for (int64_t i = 0; i < rows * H; i++) hidden[i] += proj[i];
