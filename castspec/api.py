@@ -29,6 +29,7 @@ from castspec.models.lean import use_lean_layers
 from castspec.models.load import load_model, load_tokenizer, resolve_model_dir
 from castspec.models.native_layer import use_native_layers
 from castspec.policies import TreePolicy, make_policy
+from castspec.runtime import ModelRuntime
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
@@ -118,42 +119,59 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
         draft_model, draft_tokenizer = load_model(draft, device=device)
         if not same:
             check_same_tokenizer(tokenizer, draft_tokenizer, target, draft)
-    for model in filter(None, (target_model, draft_model)):
-        use_tree_attention(model)
     on_cpu = torch.device(device).type == "cpu"
-    if draft_model is not None and draft_vocab:
-        reduce_draft_vocab(draft_model, draft_vocab, keep=_eos_token_ids(target_model, tokenizer))
-    if draft_model is not None and draft_quant == "q4k":
+    target_runtime = prepare_target(target_model, target, target_dtype, fast_kernels and on_cpu)
+    runtimes = {"target": target_runtime}
+    if draft_model is not None:
+        eos = _eos_token_ids(target_model, tokenizer)
+        runtimes["draft"] = prepare_draft(draft_model, draft_quant if on_cpu else "none", draft_vocab, eos,
+                                          fast_kernels and on_cpu)
+    costs = None
+    if getattr(policy, "needs_costs", False):
+        costs = OnlineCosts(load_or_profile(runtimes, path=cost_table, max_batch_size=max_batch_size))
+    drafter = runtimes.get("draft")
+    if target_only and policy.uses_draft:
+        drafter = SuffixDrafter(target_model.device, cache_size=suffix_cache)
+    return SpeculativeGenerator(target_runtime, tokenizer, draft=drafter, policy=policy, costs=costs, suffix=suffix,
+                                draft_window=draft_window, suffix_cache=suffix_cache, lazy_draft=lazy_draft)
+
+
+def prepare_target(model, name: str, dtype: str, fast_kernels: bool) -> ModelRuntime:
+    """The loaded target in its format (`dtype` resolved: fp32, int8 or q4k) on its kernels, as a runtime.
+    `fast_kernels`: CPU only (oneDNN-packed fp32 linears; q4k's decoder layers as one native call each)."""
+    use_tree_attention(model)
+    if dtype == "int8":
+        quantize_int8_rows(model)
+    elif dtype == "q4k":
+        use_gguf_linears(model, gguf_of(name))
+        if fast_kernels:  # q4k is its own format: each decoder layer one native call, exact to itself (per row)
+            use_lean_layers(model)
+            use_native_layers(model)
+    if fast_kernels:
+        use_fast_cpu_linears(model)
+    return ModelRuntime.of(model, "target", dtype)
+
+
+def prepare_draft(model, quant: str, vocab: int, keep: list[int], fast_kernels: bool) -> ModelRuntime:
+    """The loaded draft made cheap (it only proposes, so it may be rounded differently from the target): its output
+    head cut to `vocab` ids plus `keep` (0: whole), its linears in `quant` (q4k, int8; anything else: as loaded) and,
+    with `fast_kernels` (CPU), lean or native decoder layers; as a runtime."""
+    use_tree_attention(model)
+    if vocab:
+        reduce_draft_vocab(model, vocab, keep=keep)
+    if quant == "q4k":
         # quantized here (the 0.5B's 896 inputs are not whole GGUF blocks); its output head in Q4_K too: 39 instead
         # of 72 MB read per forward (14.8 vs 15.7 ms at n = 1, AVX2 host) and no fewer tokens accepted on 6
         # HumanEval prompts (3.33 vs 3.16 per step)
-        use_gguf_linears(draft_model, head_qtype="Q4_K")
-    if on_cpu and fast_kernels and draft_model is not None:
-        use_lean_layers(draft_model)  # fewer torch calls per layer, q/k/v and gate/up fused (before int8)
-        use_native_layers(draft_model)  # a q4k draft's layers: one native call each (others stay lean)
-    if target_dtype == "int8":
-        quantize_int8_rows(target_model)
-    elif target_dtype == "q4k":
-        use_gguf_linears(target_model, gguf_of(target))
-        if fast_kernels:  # q4k is its own format: each decoder layer one native call, exact to itself (per row)
-            use_lean_layers(target_model)
-            use_native_layers(target_model)
-    if on_cpu and draft_model is not None and draft_quant == "int8":
-        quantize_draft_int8(draft_model)
-    if on_cpu and fast_kernels:
-        use_fast_cpu_linears(target_model)
-        if draft_model is not None:
-            use_fast_cpu_linears(draft_model)
-    costs = None
-    if getattr(policy, "needs_costs", False):
-        models = {"target": target_model, "draft": draft_model} if draft_model is not None else {"target": target_model}
-        table = load_or_profile(models, path=cost_table, max_batch_size=max_batch_size)
-        costs = OnlineCosts(table)
-    drafter = draft_model
-    if target_only and policy.uses_draft:
-        drafter = SuffixDrafter(target_model.device, cache_size=suffix_cache)
-    return SpeculativeGenerator(target_model, tokenizer, draft=drafter, policy=policy, costs=costs, suffix=suffix,
-                                draft_window=draft_window, suffix_cache=suffix_cache, lazy_draft=lazy_draft)
+        use_gguf_linears(model, head_qtype="Q4_K")
+    if fast_kernels:
+        use_lean_layers(model)  # fewer torch calls per layer, q/k/v and gate/up fused (before int8)
+        use_native_layers(model)  # a q4k draft's layers: one native call each (others stay lean)
+    if quant == "int8":
+        quantize_draft_int8(model)
+    if fast_kernels:
+        use_fast_cpu_linears(model)
+    return ModelRuntime.of(model, "draft", quant if quant in ("int8", "q4k") else "fp32")
 
 
 def resolve_formats(target: str, device: str, target_dtype: str, draft_quant: str) -> tuple[str, str]:

@@ -305,9 +305,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 repeats=args.repeats)
     gen = load_generator(args.target, args.draft, "chain", device=args.device, fast_kernels=not args.no_fast_kernels,
                          draft_quant=args.draft_quant, target_dtype=args.target_dtype, draft_vocab=args.draft_vocab)
-    models = gen.models  # the target, and the draft model unless --draft none
-    table = profile(models, grid)
-    out = args.out or table_path(expected_meta(models), castspec_home())
+    runtimes = gen.runtimes  # the target, and the draft model unless --draft none: the runners the engine drives
+    table = profile(runtimes, grid)
+    out = args.out or table_path(expected_meta(runtimes), castspec_home())
     table.save(out)
     print(_cost_summary(table))
     print(f"wrote {out}", file=sys.stderr)

@@ -25,9 +25,9 @@ from castspec.drafters.base import Drafter
 from castspec.drafters.lazy import LazyDraft
 from castspec.drafters.suffix import MixedDrafter, SuffixDrafter
 from castspec.errors import CastspecError
-from castspec.models.runner import CausalLMRunner
 from castspec.policies import StepContext, StepRecord, TreePolicy, make_policy
 from castspec.policies.base import check_children_fit
+from castspec.runtime import ModelRuntime, runtime_of
 from castspec.text import IncrementalText
 from castspec.tree import DraftTree
 from castspec.verify import SamplingConfig, TokenChooser, verify
@@ -155,15 +155,20 @@ class SpeculativeGenerator:
     def __init__(self, target, tokenizer, draft: Any = None, policy: TreePolicy | str = "ar",
                  costs: OnlineCosts | None = None, suffix: bool = False, draft_window: int = 0,
                  suffix_cache: int = 0, lazy_draft: bool = False):
-        """`draft`: a draft model (a causal LM with the target's vocabulary), a `Drafter` (e.g. `SuffixDrafter()`:
-        speculation without a draft model), or None (plain decoding only). `suffix` with a draft model: merge its
-        candidates with repeats of the prompt and output (`castspec.drafters.suffix.MixedDrafter`).
+        """`target`: the target model, or its `ModelRuntime` (`castspec.runtime`; its runner is then the one this
+        generator drives). `draft`: a draft model or its `ModelRuntime` (a causal LM with the target's vocabulary), a
+        `Drafter` (e.g. `SuffixDrafter()`: speculation without a draft model), or None (plain decoding only).
+        `suffix` with a draft model: merge its candidates with repeats of the prompt and output
+        (`castspec.drafters.suffix.MixedDrafter`).
         `draft_window` > 0: the draft model reads only each prompt's last `draft_window` tokens (cheaper prefill).
         `suffix_cache` N > 0 (with `suffix`): repeats are also looked up in the outputs of the last N finished
         sequences (`castspec.drafters.suffix.SuffixCache`). `lazy_draft` with a draft model: speculate from repeats
         first and prefill the draft model only once it has earned its prefill (`castspec.drafters.lazy`)."""
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
-        self._draft_model = draft if isinstance(draft, torch.nn.Module) else None
+        target_runtime = runtime_of(target, "target")
+        draft_runtime = runtime_of(draft, "draft") if isinstance(draft, (torch.nn.Module, ModelRuntime)) else None
+        self.runtimes = {"target": target_runtime, **({"draft": draft_runtime} if draft_runtime else {})}
+        target = target_runtime.model
         if self.policy.uses_draft and draft is None:
             raise CastspecError(f"policy '{self.policy.name}' needs a draft model (--draft)")
         for name, value in (("draft_window", draft_window), ("suffix_cache", suffix_cache)):
@@ -176,13 +181,13 @@ class SpeculativeGenerator:
             self.policy.attach_costs(costs)
         self.costs = costs
         self.tokenizer = tokenizer
-        self.target = CausalLMRunner(target)
+        self.target = target_runtime.runner
         self.drafter: Drafter | None = None  # proposes only; the target decides every token
         if isinstance(draft, Drafter):
             self.drafter = draft if self.policy.uses_draft else None
-        elif draft is not None and self.policy.uses_draft:
-            check_same_vocabulary(target, draft)
-            lm = DraftLM(CausalLMRunner(draft, canonical=False), window=draft_window)
+        elif draft_runtime is not None and self.policy.uses_draft:
+            check_same_vocabulary(target, draft_runtime.model)
+            lm = DraftLM(draft_runtime.runner, window=draft_window)
             repeats = SuffixDrafter(target.device, cache_size=suffix_cache)
             self.drafter = LazyDraft(lm, repeats, self._draft_prefill_ms) if lazy_draft else \
                 MixedDrafter(lm, repeats) if suffix else lm
@@ -203,10 +208,7 @@ class SpeculativeGenerator:
     def models(self) -> dict[str, torch.nn.Module]:
         """The models this generator runs, by role: "target", and "draft" when it was given a draft model (for
         profiling, reports and kernel descriptions; callers need not know how the engine wraps them)."""
-        models = {"target": self.target.model}
-        if self._draft_model is not None:
-            models["draft"] = self._draft_model
-        return models
+        return {role: runtime.model for role, runtime in self.runtimes.items()}
 
     def generate(self, prompt: str | list[int] | torch.Tensor, max_new_tokens: int = 128, chat: bool = False,
                  on_tokens: Callable[[list[int]], None] | None = None, temperature: float = 0.0, top_k: int = 0,

@@ -116,9 +116,9 @@ def main() -> None:
     rows = {}
     for policy in args.policies.split(","):
         gen = load_generator(policy=policy, target_dtype=args.target_dtype)
-        clocks = {"target": Clock(gen.target)}
-        if gen.drafter is not None:
-            clocks["draft"] = Clock(gen.drafter.runner)
+        clocks = {"target": Clock(gen.runtimes["target"].runner)}
+        if "draft" in gen.runtimes:
+            clocks["draft"] = Clock(gen.runtimes["draft"].runner)
         gen.generate(prompts[0], max_new_tokens=8)  # warm-up
         rows[policy] = measure(gen, clocks, prompts, args.max_new_tokens)
         print(policy, json.dumps(rows[policy]), flush=True)

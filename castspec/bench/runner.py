@@ -226,21 +226,19 @@ class MethodRunner:
                               "chain" if needs_draft else "ar", device=config.device, draft_quant=config.draft_quant,
                               target_dtype=config.target_dtype)
         self.tokenizer = base.tokenizer
-        self.target_model = base.models["target"]
-        self.draft_model = base.models.get("draft")
+        runtimes = base.runtimes  # one runtime (model, kernels, runner, KV cache) per model, shared by every method
+        self.target_model = runtimes["target"].model
+        self.draft_model = runtimes["draft"].model if "draft" in runtimes else None
         self.eos_ids = _eos_ids(self.target_model, self.tokenizer)
         policies = {m: make_policy(policy_spec(m)) for m in config.methods if is_policy(m)}
         no_draft = config.draft is None or config.draft.strip().lower() == "none"  # speculate on the text alone
         table = None
         if any(getattr(p, "needs_costs", False) for p in policies.values()):
-            models = {"target": self.target_model}
-            if self.draft_model is not None:
-                models["draft"] = self.draft_model
-            table = load_or_profile(models, path=config.cost_table, max_batch_size=max(config.batch_sizes))
+            table = load_or_profile(runtimes, path=config.cost_table, max_batch_size=max(config.batch_sizes))
         self.generators = {
-            m: SpeculativeGenerator(self.target_model, self.tokenizer,
+            m: SpeculativeGenerator(runtimes["target"], self.tokenizer,
                                     SuffixDrafter(self.target_model.device) if suffix_policy(m) or no_draft
-                                    else self.draft_model,
+                                    else runtimes.get("draft"),
                                     p, costs=OnlineCosts(table) if table else None, suffix=bool(mixed_policy(m)),
                                     draft_window=split_window(m)[1], lazy_draft=bool(lazy_policy(m)))
             for m, p in policies.items()}

@@ -3,6 +3,9 @@
 Each measurement builds a real cache of c tokens for B sequences, then times one forward over n new tokens per
 sequence through the same `CausalLMRunner` the decode loop uses (4D mask, explicit positions, kernels as loaded),
 and drops those tokens again. One warm-up per (role, B, c), then the fastest of `repeats` runs per n.
+
+`models` maps roles to `ModelRuntime`s (`castspec.runtime`): the profile then drives each runtime's own runner, the
+very one the engine decodes with; a bare model gets a runtime made for the profile.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from castspec.errors import CastspecError
 from castspec.models.draft_head import draft_vocab_ids, draft_vocab_size
 from castspec.models.kernels import describe_kernels
 from castspec.models.runner import CausalLMRunner
+from castspec.runtime import ModelRuntime, runtime_of
 
 
 @dataclass
@@ -110,10 +114,15 @@ def _q4k_identity(model) -> str:
     return f"{build_key()}:{blocks}"
 
 
+def _model(model_or_runtime) -> Any:
+    return model_or_runtime.model if isinstance(model_or_runtime, ModelRuntime) else model_or_runtime
+
+
 def expected_meta(models: dict[str, Any]) -> dict[str, Any]:
-    first = next(iter(models.values()))
+    """What a cost table for these models (or runtimes) on this device must say it was measured on."""
+    first = _model(next(iter(models.values())))
     return {"device": device_name(first.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "models": {role: model_fingerprint(m) for role, m in models.items()}}
+            "models": {role: model_fingerprint(_model(m)) for role, m in models.items()}}
 
 
 def table_path(meta: dict[str, Any], home: Path) -> Path:
@@ -125,8 +134,9 @@ def table_path(meta: dict[str, Any], home: Path) -> Path:
 
 def profile(models: dict[str, Any], grid: Grid, progress: bool = True) -> CostTable:
     """Measure every role's forward times on the grid and return the table."""
-    for role, model in models.items():
-        limit = getattr(model.config, "max_position_embeddings", None)
+    runtimes = {role: runtime_of(m, role) for role, m in models.items()}
+    for role, runtime in runtimes.items():
+        limit = getattr(runtime.model.config, "max_position_embeddings", None)
         if limit and max(grid.contexts) + max(grid.tokens) > limit:
             raise CastspecError(f"{role}: context grid up to {max(grid.contexts)} exceeds the model's {limit} "
                                 "positions; pass smaller --contexts")
@@ -136,7 +146,7 @@ def profile(models: dict[str, Any], grid: Grid, progress: bool = True) -> CostTa
     ms: dict[str, list[list[list[float | None]]]] = {
         role: [[[None] * len(grid.tokens) for _ in grid.contexts] for _ in grid.batch_sizes] for role in models}
     for role, b, c in cells:
-        runner = CausalLMRunner(models[role], canonical=role != "draft")  # as the engine runs it
+        runner = runtimes[role].runner  # the engine's own
         _synthetic_context(runner, b, c)
         _time_forward(runner, 1)  # warm-up once per cell: first-touch allocations are not the model's cost
         times = _read_cell(runner, b, grid, lambda n, b=b, role=role, c=c: bar.set_postfix_str(
@@ -144,7 +154,6 @@ def profile(models: dict[str, Any], grid: Grid, progress: bool = True) -> CostTa
         for ni, readings in times.items():
             # The fastest run: on a shared machine, noise only ever adds time; the online scale tracks the level.
             ms[role][grid.batch_sizes.index(b)][grid.contexts.index(c)][ni] = round(min(readings), 3)
-        del runner
     bar.close()
     meta = expected_meta(models)
     meta["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
