@@ -13,6 +13,7 @@ from castspec.models.gguf_format import (
     GGUFLinear,
     deinterleave,
     dequantize,
+    halve_last_record,
     interleave,
     quantize_q4k,
     quantize_q6k,
@@ -158,6 +159,28 @@ def test_input_sizes_that_are_not_whole_blocks_are_padded_with_zero_columns():
             assert module.padded_in == 256 and module.dequantized().shape == dense[name].weight.shape
             ref = x[name] @ module.dequantized().T + (0 if module.bias is None else module.bias)
             assert ((module(x[name]) - ref).norm() / ref.norm()).item() < 0.02, name
+
+
+@pytest.mark.parametrize("in_features", [128, 384, 896])
+def test_a_half_block_of_padding_is_not_stored_and_changes_no_bit(in_features):
+    """Inputs 128 past a multiple of 256 (the draft's 896) end in a half record: ~10% fewer bytes at 896 and, since
+    the dropped half only held zero padding, bitwise the output of the padded full records, for 1 to 9 rows."""
+    from castspec.models.gguf_format import QK
+
+    weight = torch.randn(40, in_features, generator=torch.Generator().manual_seed(3)).numpy()
+    blocks = quantize_q4k(np.pad(weight, ((0, 0), (0, -in_features % QK))))
+    half = GGUFLinear(blocks, "Q4_K", in_features=in_features)
+    full = GGUFLinear(blocks, "Q4_K", in_features=in_features)
+    full.half = False
+    full.blocks = torch.from_numpy(interleave(blocks, "Q4_K"))
+    assert half.half and half.blocks.shape[1] == full.blocks.shape[1] - 1184 + 608
+    assert torch.equal(half.dequantized(), full.dequantized())
+    for rows in (1, 4, 9):
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+        assert torch.equal(half(x), full(x))
+    with pytest.raises(ValueError, match="not zero padding"):
+        halve_last_record(interleave(quantize_q4k(np.pad(weight, ((0, 0), (0, -in_features % QK)), constant_values=1)),
+                                     "Q4_K"))
 
 
 @pytest.mark.parametrize("broken, message", [("cpu", "lacks avx2"), ("compiler", r"need a C\+\+ compiler")])

@@ -33,6 +33,8 @@ __all__ = ["GGUFLinear", "QK", "dequantize", "quantize_q4k", "quantize_q6k", "us
 QK = 256  # weights per block (GGUF super-block)
 GGUF_BYTES = {"Q4_K": 144, "Q6_K": 210}  # per block of 256 weights, as the file stores them
 RECORD_BYTES = {"Q4_K": 1184, "Q6_K": 2192}  # per block of 256 inputs and group of 8 columns, in the kernel's layout
+HALF_Q4 = 608  # a Q4_K record of its first 4 sub-blocks only (d, dmin, 4 x 8 scales, 4 x 8 mins, 4 x 128 nibbles)
+_HALF_PARTS = ((0, 32), (32, 64), (96, 128), (160, 672))  # where they sit in a full record
 _HF_TO_GGUF = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -105,7 +107,12 @@ class GGUFLinear(nn.Module):
         self.qtype, self.out_features = qtype, blocks.shape[0]
         self.padded_in = blocks.shape[1] // GGUF_BYTES[qtype] * QK
         self.in_features = self.padded_in if in_features is None else in_features
-        self.register_buffer("blocks", torch.from_numpy(interleave(blocks, qtype)))
+        records = interleave(blocks, qtype)
+        # the last block's second half only holds zero padding: drop it (the kernel then reads a half record)
+        self.half = qtype == "Q4_K" and self.padded_in - self.in_features >= QK // 2
+        if self.half:
+            records = halve_last_record(records)
+        self.register_buffer("blocks", torch.from_numpy(records))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,11 +124,12 @@ class GGUFLinear(nn.Module):
         matmul = self._kernels.q4k_matmul if self.qtype == "Q4_K" else self._kernels.q6k_matmul
         matmul(self.blocks.data_ptr(), self.blocks.shape[0] * 8, self.padded_in, rows.values.data_ptr(),
                rows.scales.data_ptr(), rows.sums16.data_ptr(), rows.sums32.data_ptr(), rows.count, out.data_ptr(),
-               out.stride(0))
+               out.stride(0), self.half)
 
     def dequantized(self) -> torch.Tensor:
         """The weight as float32 (for checks): exactly what the kernel multiplies with."""
-        weight = deinterleave(self.blocks.numpy(), self.qtype, self.padded_in)
+        records = self.blocks.numpy()
+        weight = deinterleave(whole_last_record(records) if self.half else records, self.qtype, self.padded_in)
         return torch.from_numpy(weight[: self.out_features, : self.in_features])
 
     def extra_repr(self) -> str:
@@ -237,6 +245,32 @@ def interleave(blocks: np.ndarray, qtype: str) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(parts[0].shape[0], -1))
 
 
+def halve_last_record(records: np.ndarray) -> np.ndarray:
+    """Q4_K records [G, nb * 1184] whose last block's sub-blocks 4-7 are zero padding -> [G, (nb-1) * 1184 + 608],
+    the last record cut to its first four sub-blocks (gguf_kernels.cpp: Q4X8_HALF)."""
+    groups = records.shape[0]
+    last = records[:, -RECORD_BYTES["Q4_K"]:]
+    kept = np.concatenate([last[:, a:b] for a, b in _HALF_PARTS], axis=1)
+    dropped = np.concatenate([last[:, b:a] for (_, b), (a, _) in zip(_HALF_PARTS, _HALF_PARTS[1:], strict=False)]
+                             + [last[:, _HALF_PARTS[-1][1]:]], axis=1)
+    if dropped.any():
+        raise ValueError("the last block's second half is not zero padding")
+    return np.ascontiguousarray(np.concatenate([records[:, :-RECORD_BYTES["Q4_K"]], kept], axis=1)
+                                .reshape(groups, -1))
+
+
+def whole_last_record(records: np.ndarray) -> np.ndarray:
+    """The inverse of `halve_last_record`: the half record padded back to a full one with zeros."""
+    groups = records.shape[0]
+    half = records[:, -HALF_Q4:]
+    last = np.zeros((groups, RECORD_BYTES["Q4_K"]), np.uint8)
+    at = 0
+    for a, b in _HALF_PARTS:
+        last[:, a:b] = half[:, at: at + b - a]
+        at += b - a
+    return np.concatenate([records[:, :-HALF_Q4], last], axis=1)
+
+
 def deinterleave(records: np.ndarray, qtype: str, in_features: int) -> np.ndarray:
     """The kernel's layout -> float32 weights [ceil(out/8)*8, in] (what the kernel multiplies with)."""
     groups, nb = records.shape[0], in_features // QK
@@ -327,7 +361,7 @@ def use_gguf_linears(model: nn.Module, gguf_path: str | Path | None = None, head
     With `gguf_path`, weights are the file's blocks (rows reordered where llama.cpp stores them differently; the
     first layer's are checked against the HF weights); without, they are quantized here (Q4_K, lm_head
     `head_qtype`), with zero columns up to a multiple of 256 inputs where the input size is not one (the 0.5B
-    draft's 896).
+    draft's 896; a last half block of only zero columns is then not stored, see `halve_last_record`).
     """
     from castspec.models.kernels import _replace_modules
     from castspec.models.native import library

@@ -94,11 +94,11 @@ def _library_or_reason() -> ctypes.CDLL | str:
         return str(e)
     library = ctypes.CDLL(str(target))
     # quantize_rows(x, n, k, xq, scales, sums16, sums32)
-    # q*_matmul(w, m, k, xq, scales, sums16, sums32, n, out, out's row stride)
+    # q*_matmul(w, m, k, xq, scales, sums16, sums32, n, out, out's row stride, rows end in a half record)
     library.quantize_rows.argtypes = [_POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER]
     for name in ("q4k_matmul", "q6k_matmul"):
         getattr(library, name).argtypes = [_POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER, _INT64,
-                                           _POINTER, _INT64]
+                                           _POINTER, _INT64, _INT64]
     library.decoder_layer.argtypes = [_POINTER] * 5  # (layer spec, step spec, hidden, key cache, value cache)
     for name in ("quantize_rows", "q4k_matmul", "q6k_matmul", "decoder_layer"):
         getattr(library, name).restype = None

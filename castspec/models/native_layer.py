@@ -38,7 +38,7 @@ _PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", 
 
 
 class _Proj(ctypes.Structure):
-    _fields_ = [("w", _P), ("cols", _I64), ("k", _I64), ("q6", _I64), ("bias", _P)]
+    _fields_ = [("w", _P), ("cols", _I64), ("k", _I64), ("q6", _I64), ("bias", _P), ("half", _I64)]
 
 
 class _LayerSpec(ctypes.Structure):
@@ -69,7 +69,8 @@ class _Memo:
 
 def _proj(module: GGUFLinear) -> _Proj:
     bias = module.bias.data_ptr() if module.bias is not None else None
-    return _Proj(module.blocks.data_ptr(), module.out_features, module.padded_in, module.qtype == "Q6_K", bias)
+    return _Proj(module.blocks.data_ptr(), module.out_features, module.padded_in, module.qtype == "Q6_K", bias,
+                 module.half)
 
 
 def native_supported(layer: nn.Module, config) -> bool:

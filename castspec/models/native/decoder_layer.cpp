@@ -20,16 +20,20 @@
 extern "C" void quantize_rows(const float* x, int64_t n, int64_t k, int8_t* xq, float* xs, int16_t* bsum16,
                               int16_t* bsum32);
 extern "C" void q4k_matmul(const uint8_t* w, int64_t m, int64_t k, const int8_t* xq, const float* xs,
-                           const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out, int64_t ldo);
+                           const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out, int64_t ldo,
+                           int64_t half);
 extern "C" void q6k_matmul(const uint8_t* w, int64_t m, int64_t k, const int8_t* xq, const float* xs,
-                           const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out, int64_t ldo);
+                           const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out, int64_t ldo,
+                           int64_t half);
 
 // A projection: kernel-layout blocks, output columns (a multiple of 8), input size padded to a multiple of 256 (the
-// blocks' extra columns are zeros; the inputs' are zeroed here), Q6_K or Q4_K, optional bias [cols].
+// blocks' extra columns are zeros; the inputs' are zeroed here), Q6_K or Q4_K, optional bias [cols], and whether
+// its rows end in a half record (gguf_kernels.cpp).
 struct Proj {
     const uint8_t* w;
     int64_t cols, k, q6;
     const float* bias;
+    int64_t half;
 };
 
 struct LayerSpec {
@@ -72,7 +76,7 @@ static void quantize(const float* x, int64_t n, int64_t k, Activations& a) {
 
 static void linear_into(const Proj& p, const Activations& a, float* out, int64_t ldo) {
     (p.q6 ? q6k_matmul : q4k_matmul)(p.w, p.cols, p.k, a.q.data(), a.s.data(), a.s16.data(), a.s32.data(), a.n, out,
-                                     ldo);
+                                     ldo, p.half);
     if (p.bias)
         for (int64_t r = 0; r < a.n; r++)
             for (int64_t c = 0; c < p.cols; c++) out[r * ldo + c] += p.bias[c];

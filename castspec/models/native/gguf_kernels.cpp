@@ -89,59 +89,71 @@ static inline __m256i pair2_i8(const int8_t* a, const int8_t* b) {
     return _mm256_or_si256(_mm256_and_si256(x, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(y, 16));
 }
 
-// Q4_K x8 record per super-block: d f16[8], dmin f16[8], sc u8[8][8], mn u8[8][8], qs[8][4][32] = 1184 bytes
+// Q4_K x8 record per super-block: d f16[8], dmin f16[8], sc u8[8][8], mn u8[8][8], qs[8][4][32] = 1184 bytes.
+// A row whose input size is 128 past a multiple of 256 (the 0.5B draft's 896) ends in a *half* record holding the
+// first J = 4 sub-blocks only (d, dmin, sc[4][8], mn[4][8], qs[4][4][32] = 608 bytes): the other half of that
+// super-block would be zero padding, whose products are exactly zero, so dropping it changes no bit and reads ~10%
+// fewer bytes for such a linear. Activations stay padded to whole blocks of 256 (zeros past the input).
 #define Q4X8 1184
+#define Q4X8_HALF 608
+
+// One super-block (J sub-blocks of 32) of NR rows against a group of 8 columns, added into acc.
+template <int NR, int J>
+static inline void q4k_block(const uint8_t* rec, int64_t b, int64_t nb, const int8_t* xq, const float* xs,
+                             const int16_t* b32, int64_t k, __m256* acc) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)rec));
+    const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rec + 16)));
+    const uint8_t* sc = rec + 32;
+    const uint8_t* mn = rec + 32 + 8 * J;
+    const uint8_t* qs = rec + 32 + 16 * J;
+    __m256i sumi[NR];
+    for (int r = 0; r < NR; r++) sumi[r] = _mm256_setzero_si256();
+    for (int j = 0; j < J; j++) {
+        __m256i a16[NR];
+        for (int r = 0; r < NR; r++) a16[r] = _mm256_setzero_si256();
+        for (int g = 0; g < 4; g++) {
+            __m256i q = _mm256_loadu_si256((const __m256i*)(qs + j * 128 + g * 32));
+            __m256i lo = _mm256_and_si256(q, m4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            for (int r = 0; r < NR; r++) {
+                const int8_t* xo = xq + r * k + b * 256 + j * 32 + g * 8;
+                a16[r] = _mm256_add_epi16(a16[r], _mm256_maddubs_epi16(lo, bcast32(xo)));
+                a16[r] = _mm256_add_epi16(a16[r], _mm256_maddubs_epi16(hi, bcast32(xo + 4)));
+                keep(a16[r]);
+            }
+        }
+        const __m256i scv = pair_u8(sc + j * 8);
+        for (int r = 0; r < NR; r++) sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(a16[r], scv));
+    }
+    __m256i mm[NR];
+    for (int r = 0; r < NR; r++) mm[r] = _mm256_setzero_si256();
+    for (int j = 0; j < J; j += 2) {
+        const __m256i mnv = pair2_u8(mn + j * 8, mn + (j + 1) * 8);
+        for (int r = 0; r < NR; r++)
+            mm[r] = _mm256_add_epi32(mm[r], _mm256_madd_epi16(mnv, bcast32_16(b32 + (r * nb + b) * 8 + j)));
+    }
+    for (int r = 0; r < NR; r++) {
+        const __m256 s = _mm256_set1_ps(xs[r * nb + b]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_mul_ps(dv, s), acc[r]);
+        acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mm[r]), _mm256_mul_ps(mv, s), acc[r]);
+    }
+}
+
 template <int NR>
-static inline void q4k_tile(const uint8_t* w, int64_t nb, const int8_t* xq, const float* xs, const int16_t* b32,
-                            int64_t k, float* out, int64_t ldo) {
+static inline void q4k_tile(const uint8_t* w, int64_t nb, int64_t half, const int8_t* xq, const float* xs,
+                            const int16_t* b32, int64_t k, float* out, int64_t ldo) {
     __m256 acc[NR];
     for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* rec = w + b * Q4X8;
-        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)rec));
-        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rec + 16)));
-        const uint8_t* sc = rec + 32;
-        const uint8_t* mn = rec + 96;
-        const uint8_t* qs = rec + 160;
-        __m256i sumi[NR];
-        for (int r = 0; r < NR; r++) sumi[r] = _mm256_setzero_si256();
-        for (int j = 0; j < 8; j++) {
-            __m256i a16[NR];
-            for (int r = 0; r < NR; r++) a16[r] = _mm256_setzero_si256();
-            for (int g = 0; g < 4; g++) {
-                __m256i q = _mm256_loadu_si256((const __m256i*)(qs + j * 128 + g * 32));
-                __m256i lo = _mm256_and_si256(q, m4);
-                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                for (int r = 0; r < NR; r++) {
-                    const int8_t* xo = xq + r * k + b * 256 + j * 32 + g * 8;
-                    a16[r] = _mm256_add_epi16(a16[r], _mm256_maddubs_epi16(lo, bcast32(xo)));
-                    a16[r] = _mm256_add_epi16(a16[r], _mm256_maddubs_epi16(hi, bcast32(xo + 4)));
-                    keep(a16[r]);
-                }
-            }
-            const __m256i scv = pair_u8(sc + j * 8);
-            for (int r = 0; r < NR; r++) sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(a16[r], scv));
-        }
-        __m256i mm[NR];
-        for (int r = 0; r < NR; r++) mm[r] = _mm256_setzero_si256();
-        for (int j = 0; j < 8; j += 2) {
-            const __m256i mnv = pair2_u8(mn + j * 8, mn + (j + 1) * 8);
-            for (int r = 0; r < NR; r++)
-                mm[r] = _mm256_add_epi32(mm[r], _mm256_madd_epi16(mnv, bcast32_16(b32 + (r * nb + b) * 8 + j)));
-        }
-        for (int r = 0; r < NR; r++) {
-            const __m256 s = _mm256_set1_ps(xs[r * nb + b]);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_mul_ps(dv, s), acc[r]);
-            acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mm[r]), _mm256_mul_ps(mv, s), acc[r]);
-        }
-    }
+    const int64_t full = half ? nb - 1 : nb;
+    for (int64_t b = 0; b < full; b++) q4k_block<NR, 8>(w + b * Q4X8, b, nb, xq, xs, b32, k, acc);
+    if (half) q4k_block<NR, 4>(w + full * Q4X8, full, nb, xq, xs, b32, k, acc);
     for (int r = 0; r < NR; r++) _mm256_storeu_ps(out + r * ldo, acc[r]);
 }
 
 #define Q6X8 2192
 template <int NR>
-static inline void q6k_tile(const uint8_t* w, int64_t nb, const int8_t* xq, const float* xs, const int16_t* b16,
+static inline void q6k_tile(const uint8_t* w, int64_t nb, int64_t, const int8_t* xq, const float* xs, const int16_t* b16,
                             int64_t k, float* out, int64_t ldo) {
     __m256 acc[NR];
     for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
@@ -184,28 +196,31 @@ static inline void q6k_tile(const uint8_t* w, int64_t nb, const int8_t* xq, cons
 
 #define TILE 4
 #define ROW_CHUNK 64
-#define DISPATCH(KERNEL, BYTES, SUMS, PER)                                                                      \
+#define DISPATCH(KERNEL, STRIDE, SUMS, PER)                                                                     \
     int64_t nb = k / 256, groups = m / 8;                                                                       \
     for (int64_t r0 = 0; r0 < n; r0 += ROW_CHUNK) {                                                             \
         int64_t r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;                                                   \
         _Pragma("omp parallel for schedule(static)") for (int64_t gi = 0; gi < groups; gi++) {                  \
-            const uint8_t* wg = w + gi * nb * BYTES;                                                            \
+            const uint8_t* wg = w + gi * (STRIDE);                                                              \
             int64_t r = r0;                                                                                     \
             for (; r + TILE <= r1; r += TILE)                                                                   \
-                KERNEL<TILE>(wg, nb, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * ldo + gi * 8, ldo); \
+                KERNEL<TILE>(wg, nb, half, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * ldo + gi * 8, ldo); \
             switch (r1 - r) {                                                                                   \
-                case 3: KERNEL<3>(wg, nb, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * ldo + gi * 8, ldo); break; \
-                case 2: KERNEL<2>(wg, nb, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * ldo + gi * 8, ldo); break; \
-                case 1: KERNEL<1>(wg, nb, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * ldo + gi * 8, ldo); break; \
+                case 3: KERNEL<3>(wg, nb, half, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * ldo + gi * 8, ldo); break; \
+                case 2: KERNEL<2>(wg, nb, half, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * ldo + gi * 8, ldo); break; \
+                case 1: KERNEL<1>(wg, nb, half, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * ldo + gi * 8, ldo); break; \
             }                                                                                                   \
         }                                                                                                       \
     }
 
+// `half`: each column's last record is a half one (Q4_K only; see Q4X8_HALF); k counts the padded inputs.
 extern "C" void q4k_matmul(const uint8_t* w, int64_t m, int64_t k, const int8_t* xq, const float* xs,
-                           const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out, int64_t ldo) {
-    DISPATCH(q4k_tile, Q4X8, bsum32, 8)
+                           const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out, int64_t ldo,
+                           int64_t half) {
+    DISPATCH(q4k_tile, half ? (nb - 1) * Q4X8 + Q4X8_HALF : nb * Q4X8, bsum32, 8)
 }
 extern "C" void q6k_matmul(const uint8_t* w, int64_t m, int64_t k, const int8_t* xq, const float* xs,
-                           const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out, int64_t ldo) {
-    DISPATCH(q6k_tile, Q6X8, bsum16, 16)
+                           const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out, int64_t ldo,
+                           int64_t half) {
+    DISPATCH(q6k_tile, nb * Q6X8, bsum16, 16)
 }
