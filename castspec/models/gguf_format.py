@@ -33,8 +33,12 @@ __all__ = ["GGUFLinear", "QK", "dequantize", "quantize_q4k", "quantize_q6k", "us
 QK = 256  # weights per block (GGUF super-block)
 GGUF_BYTES = {"Q4_K": 144, "Q6_K": 210}  # per block of 256 weights, as the file stores them
 RECORD_BYTES = {"Q4_K": 1184, "Q6_K": 2192}  # per block of 256 inputs and group of 8 columns, in the kernel's layout
-HALF_Q4 = 608  # a Q4_K record of its first 4 sub-blocks only (d, dmin, 4 x 8 scales, 4 x 8 mins, 4 x 128 nibbles)
-_HALF_PARTS = ((0, 32), (32, 64), (96, 128), (160, 672))  # where they sit in a full record
+# The bytes of a full Q4_K record that a half one keeps (its first 4 sub-blocks: d, dmin, 4 x 8 scales, 4 x 8 mins,
+# 4 x 128 nibbles); gguf_kernels.cpp's Q4X8_HALF is their count.
+_HALF_KEPT = np.zeros(RECORD_BYTES["Q4_K"], dtype=bool)
+for _start, _end in ((0, 32), (32, 64), (96, 128), (160, 672)):
+    _HALF_KEPT[_start:_end] = True
+HALF_Q4 = int(_HALF_KEPT.sum())  # 608
 _HF_TO_GGUF = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -248,26 +252,16 @@ def interleave(blocks: np.ndarray, qtype: str) -> np.ndarray:
 def halve_last_record(records: np.ndarray) -> np.ndarray:
     """Q4_K records [G, nb * 1184] whose last block's sub-blocks 4-7 are zero padding -> [G, (nb-1) * 1184 + 608],
     the last record cut to its first four sub-blocks (gguf_kernels.cpp: Q4X8_HALF)."""
-    groups = records.shape[0]
     last = records[:, -RECORD_BYTES["Q4_K"]:]
-    kept = np.concatenate([last[:, a:b] for a, b in _HALF_PARTS], axis=1)
-    dropped = np.concatenate([last[:, b:a] for (_, b), (a, _) in zip(_HALF_PARTS, _HALF_PARTS[1:], strict=False)]
-                             + [last[:, _HALF_PARTS[-1][1]:]], axis=1)
-    if dropped.any():
+    if last[:, ~_HALF_KEPT].any():
         raise ValueError("the last block's second half is not zero padding")
-    return np.ascontiguousarray(np.concatenate([records[:, :-RECORD_BYTES["Q4_K"]], kept], axis=1)
-                                .reshape(groups, -1))
+    return np.ascontiguousarray(np.concatenate([records[:, :-RECORD_BYTES["Q4_K"]], last[:, _HALF_KEPT]], axis=1))
 
 
 def whole_last_record(records: np.ndarray) -> np.ndarray:
     """The inverse of `halve_last_record`: the half record padded back to a full one with zeros."""
-    groups = records.shape[0]
-    half = records[:, -HALF_Q4:]
-    last = np.zeros((groups, RECORD_BYTES["Q4_K"]), np.uint8)
-    at = 0
-    for a, b in _HALF_PARTS:
-        last[:, a:b] = half[:, at: at + b - a]
-        at += b - a
+    last = np.zeros((records.shape[0], RECORD_BYTES["Q4_K"]), np.uint8)
+    last[:, _HALF_KEPT] = records[:, -HALF_Q4:]
     return np.concatenate([records[:, :-HALF_Q4], last], axis=1)
 
 

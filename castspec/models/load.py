@@ -104,15 +104,15 @@ def _read_float32(model_dir: Path, name: str, shape: tuple[int, ...]) -> torch.T
     try:
         file = json.loads(index.read_text())["weight_map"][name] if index.is_file() else "model.safetensors"
         with open(model_dir / file, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            info = json.loads(f.read(size)).get(name)
+            header, data_start = _safetensors_header(f)
+            info = header.get(name)
             if info is None or info["dtype"] != "F32" or tuple(info["shape"]) != shape:
                 return None
             start, end = info["data_offsets"]
             out = torch.empty(shape, dtype=torch.float32)
             if end - start != out.numel() * 4:
                 return None
-            f.seek(8 + size + start)
+            f.seek(data_start + start)
             view = memoryview(out.numpy()).cast("B")
             while view:  # readinto may return short counts on large reads
                 got = f.readinto(view)
@@ -135,11 +135,16 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         raise _load_failed("the tokenizer", model_dir, e) from e
 
 
+def _safetensors_header(f) -> tuple[dict, int]:
+    """A .safetensors file's header (tensor name -> dtype, shape, data_offsets) and where its data starts."""
+    (size,) = struct.unpack("<Q", f.read(8))
+    return json.loads(f.read(size)), 8 + size
+
+
 def _safetensors_numel(path: Path) -> int:
     """Number of elements in a .safetensors file, read from its header only."""
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        header, _ = _safetensors_header(f)
     total = 0
     for key, info in header.items():
         if key != "__metadata__":

@@ -211,6 +211,22 @@ static void weighted_sum_row(const float* w, const int64_t* slots, int64_t count
     }
 }
 
+// Scores s[0:count] (padded with -inf to `padded`, a multiple of 8) become exp(s - max), in place; returns their sum.
+// Lanes are assigned by key index, so the sum's order depends on the key count only.
+static float softmax_weights(float* s, int64_t count, int64_t padded) {
+    float top = -INFINITY;
+    for (int64_t j = 0; j < count; j++) top = s[j] > top ? s[j] : top;
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 8) {  // padding lanes are exp(-inf) = 0
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(top)));
+        const __m256 live = _mm256_cmp_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        const __m256 w = _mm256_and_ps(e, live);
+        _mm256_storeu_ps(s + j, w);
+        sum = _mm256_add_ps(sum, w);
+    }
+    return hsum(sum);
+}
+
 // Keys per block of the prefix that a task's rows share: 64 keys and their values (2 x 32 KB at head_dim 128) stay
 // in cache while every row of the task uses them, so each is read from memory once per task, not once per row.
 #define KEY_BLOCK 64
@@ -251,20 +267,8 @@ static void attend_rows(const LayerSpec& L, const StepSpec& S, int64_t r0, int64
         const int64_t count = (int64_t)slots[i].size();
         scores_of_heads(groups, q0 + (r0 + i) * qkv_ld, keys, slots[i].data() + shared, count - shared, d, L.scale,
                         scores[i].data() + shared, ld(i));
-        for (int64_t g = 0; g < groups; g++) {
-            float* s = scores[i].data() + g * ld(i);
-            float top = -INFINITY;
-            for (int64_t j = 0; j < count; j++) top = s[j] > top ? s[j] : top;
-            __m256 sum = _mm256_setzero_ps();
-            for (int64_t j = 0; j < ld(i); j += 8) {  // lanes by key index; padding lanes are exp(-inf) = 0
-                const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(top)));
-                const __m256 live = _mm256_cmp_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-                const __m256 w = _mm256_and_ps(e, live);
-                _mm256_storeu_ps(s + j, w);
-                sum = _mm256_add_ps(sum, w);
-            }
-            total[i * groups + g] = hsum(sum);
-        }
+        for (int64_t g = 0; g < groups; g++) total[i * groups + g] = softmax_weights(scores[i].data() + g * ld(i), count,
+                                                                                 ld(i));
     }
     for (int64_t j0 = 0; j0 < shared; j0 += KEY_BLOCK) {
         const int64_t n = shared - j0 < KEY_BLOCK ? shared - j0 : KEY_BLOCK;
