@@ -114,3 +114,22 @@ def test_the_price_comes_from_the_draft_cost_table(pair):
     one = gen.drafter.prefill_ms(1, 100)
     assert one > 0 and gen.drafter.prefill_ms(2, 100) == pytest.approx(2 * one)
     assert gen.drafter.prefill_ms(1, 400) > 3 * one
+
+
+def test_a_price_small_beside_the_budget_lowers_the_threshold_a_large_one_does_not(pair):
+    """Plain ski rental buys at regret = price; with the remaining budget's upside (remaining tokens x measured step
+    time x DRAFT_SAVES) the larger, the threshold is price * price / upside; with no timed step yet, the price."""
+    from castspec.drafters.lazy import DRAFT_SAVES
+
+    gen = lazy_generator(pair, "cast", 100.0)
+    lazy = gen.drafter
+    lazy.budget, lazy.prompt_lengths = 128, [10]
+    context = [[3] * 12]  # 2 tokens generated: 126 remain
+    assert lazy.threshold_ms(context) == 100.0  # no step timed yet
+    lazy.steps, lazy.steps_ms = 4, 200.0  # 50 ms per step
+    upside = 126 * 50.0 * DRAFT_SAVES
+    assert lazy.threshold_ms(context) == pytest.approx(100.0 * 100.0 / upside)
+    lazy.prefill_ms = lambda rows, tokens: 5000.0  # dearer than the upside: plain ski rental
+    assert lazy.threshold_ms(context) == 5000.0
+    lazy.prefill_ms, lazy.budget = (lambda rows, tokens: 100.0), 2  # cheap, but nothing left to gain
+    assert lazy.threshold_ms(context) == 100.0

@@ -5,11 +5,17 @@ short answers (RAG, summaries) that prefill costs more than speculation then sav
 with the free suffix drafter (repeats of the prompt and output, no model) and prefills the draft model only when the
 batch has earned it, by the ski-rental rule: it adds up the time of the steps in which the text alone proposed
 nothing the target accepted (where a draft model could have helped), and buys the draft model once that *regret*
-reaches what the draft's prefill over the current context is predicted to cost (the draft's measured per-token cost
-from the cost table, times the context). Copy-heavy answers keep speculating for free; where the text does not repeat,
-the draft joins after a few slow steps and proposes alone from then on (merged with the text's candidates it did
-worse: the target almost never accepted a repeat the draft did not also propose, README "Drafting from the text
-itself"). Lossless like every drafter (the target decides).
+reaches its threshold. Plain ski rental sets the threshold to the price, what the draft's prefill over the current
+context is predicted to cost (the draft's measured per-token cost from the cost table, times the context). Here the
+price is also weighed against the *upside*, what the draft could save over the rest of the answer budget (the
+remaining tokens at the measured time of a step, times `DRAFT_SAVES`): when the price is small beside it (short
+prompts, long budgets: code, chat) the threshold is price * price / upside, so a few unshortened steps buy the draft;
+when the price approaches the upside (long prompts, where answers are also often short: RAG, summaries) it is the
+price, as in plain ski rental. (A budget is only an upper bound on the answer, which is why a large upside lowers the
+threshold only in proportion to how small the price is beside it.) Copy-heavy answers keep speculating for free;
+where the text does not repeat, the draft joins after a few slow steps and proposes alone from then on (merged with
+the text's candidates it did worse: the target almost never accepted a repeat the draft did not also propose, README
+"Drafting from the text itself"). Lossless like every drafter (the target decides).
 
 The prefill happens between steps (`between_steps`), where the engine counts it as prefill time: a step's draft and
 verify times, which CAST learns costs and rates from, never include it.
@@ -28,6 +34,10 @@ from castspec.drafters.suffix import SuffixDrafter
 from castspec.tree import DraftTree
 from castspec.verify import Outcome
 
+# The share of decode time a draft model saves where the text alone does not help: `cast`'s decode-only speedup over
+# plain decoding was 1.4-1.6x on this project's CPU hosts (README), i.e. about a third of the time.
+DRAFT_SAVES = 1 / 3
+
 
 class LazyDraft(Drafter):
     """Suffix drafting first; the draft model takes over (prefilled on each row's whole context) once it pays."""
@@ -41,6 +51,8 @@ class LazyDraft(Drafter):
         self.regret_ms = 0.0
         self.last_finish: float | None = None
         self.budget = 0
+        self.prompt_lengths: list[int] = []  # per row, aligned with the suffix drafter's rows
+        self.steps, self.steps_ms = 0, 0.0  # timed steps before the purchase
 
     @property
     def free(self) -> bool:  # type: ignore[override]
@@ -54,12 +66,15 @@ class LazyDraft(Drafter):
                  fresh: bool = False) -> None:
         if fresh:  # a new batch decides afresh
             self.bought, self.regret_ms, self.last_finish = False, 0.0, None
+            self.steps, self.steps_ms, self.prompt_lengths = 0, 0.0, []
         self.budget = max(budget, self.budget) if not fresh else budget
+        self.prompt_lengths += [len(p) for p in prompts]
         self.suffix.add_rows(prompts, first_token, budget, fresh)
         if self.bought:
             self.lm.add_rows(prompts, first_token, budget, fresh=False)
 
     def keep_rows(self, rows: list[int]) -> None:
+        self.prompt_lengths = [self.prompt_lengths[i] for i in rows]
         self.suffix.keep_rows(rows)
         if self.bought:
             self.lm.keep_rows(rows)
@@ -69,11 +84,21 @@ class LazyDraft(Drafter):
         if self.bought or not self.suffix.rows:
             return
         contexts = [index.tokens for index in self.suffix.rows]
-        if self.regret_ms < self.prefill_ms(len(contexts), max(len(c) for c in contexts)):
+        if self.regret_ms < self.threshold_ms(contexts):
             return
         root = torch.tensor([c[-1] for c in contexts], dtype=torch.long, device=self.suffix.device)
         self.lm.prefill([c[:-1] for c in contexts], root, self.budget)  # the root waits as the pending token
         self.bought = True
+
+    def threshold_ms(self, contexts: list[list[int]]) -> float:
+        """The regret at which the draft is bought: its price, lowered to price * price / upside when the upside
+        over the remaining budget is the larger (module docstring)."""
+        price = self.prefill_ms(len(contexts), max(len(c) for c in contexts))
+        if not self.steps:
+            return price
+        remaining = max(self.budget - (len(c) - start) for c, start in zip(contexts, self.prompt_lengths, strict=True))
+        upside = max(remaining, 0) * self.steps_ms / self.steps * DRAFT_SAVES
+        return price if upside <= price else price * price / upside
 
     @property
     def proposer(self) -> Drafter:
@@ -91,6 +116,9 @@ class LazyDraft(Drafter):
             self.lm.finish_step(tree, nodes, outcome)
             return
         now = time.perf_counter()
-        if self.last_finish is not None and not bool((outcome.n_accepted > 0).any()):
-            self.regret_ms += 1000 * (now - self.last_finish)  # a step the text alone could not shorten
+        if self.last_finish is not None:
+            elapsed = 1000 * (now - self.last_finish)
+            self.steps, self.steps_ms = self.steps + 1, self.steps_ms + elapsed
+            if not bool((outcome.n_accepted > 0).any()):
+                self.regret_ms += elapsed  # a step the text alone could not shorten
         self.last_finish = now
