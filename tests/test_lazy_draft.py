@@ -123,7 +123,7 @@ def test_a_price_small_beside_the_budget_lowers_the_threshold_a_large_one_does_n
 
     gen = lazy_generator(pair, "cast", 100.0)
     lazy = gen.drafter
-    lazy.budget, lazy.prompt_lengths = 128, [10]
+    lazy.budget, lazy.suffix.prompt_lens = 128, [10]
     context = [[3] * 12]  # 2 tokens generated: 126 remain
     assert lazy.threshold_ms(context) == 100.0  # no step timed yet
     lazy.steps, lazy.steps_ms = 4, 200.0  # 50 ms per step

@@ -51,7 +51,6 @@ class LazyDraft(Drafter):
         self.regret_ms = 0.0
         self.last_finish: float | None = None
         self.budget = 0
-        self.prompt_lengths: list[int] = []  # per row, aligned with the suffix drafter's rows
         self.steps, self.steps_ms = 0, 0.0  # timed steps before the purchase
 
     @property
@@ -66,15 +65,13 @@ class LazyDraft(Drafter):
                  fresh: bool = False) -> None:
         if fresh:  # a new batch decides afresh
             self.bought, self.regret_ms, self.last_finish = False, 0.0, None
-            self.steps, self.steps_ms, self.prompt_lengths = 0, 0.0, []
+            self.steps, self.steps_ms = 0, 0.0
         self.budget = max(budget, self.budget) if not fresh else budget
-        self.prompt_lengths += [len(p) for p in prompts]
         self.suffix.add_rows(prompts, first_token, budget, fresh)
         if self.bought:
             self.lm.add_rows(prompts, first_token, budget, fresh=False)
 
     def keep_rows(self, rows: list[int]) -> None:
-        self.prompt_lengths = [self.prompt_lengths[i] for i in rows]
         self.suffix.keep_rows(rows)
         if self.bought:
             self.lm.keep_rows(rows)
@@ -96,7 +93,8 @@ class LazyDraft(Drafter):
         price = self.prefill_ms(len(contexts), max(len(c) for c in contexts))
         if not self.steps:
             return price
-        remaining = max(self.budget - (len(c) - start) for c, start in zip(contexts, self.prompt_lengths, strict=True))
+        remaining = max(self.budget - (len(c) - start) for c, start in zip(contexts, self.suffix.prompt_lens,
+                                                                           strict=True))
         upside = max(remaining, 0) * self.steps_ms / self.steps * DRAFT_SAVES
         return price if upside <= price else price * price / upside
 
