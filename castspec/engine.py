@@ -180,6 +180,7 @@ class SpeculativeGenerator:
                                     "loads or profiles one, or pass costs=")
             self.policy.attach_costs(costs)
         self.costs = costs
+        self.target_prefill_ms_per_token: float | None = None  # the last prefill's, measured (a lazy draft's price)
         self.tokenizer = tokenizer
         self.target = target_runtime.runner
         self.drafter: Drafter | None = None  # proposes only; the target decides every token
@@ -196,12 +197,19 @@ class SpeculativeGenerator:
         self.eos_ids = _eos_ids(target, tokenizer)
 
     def _draft_prefill_ms(self, rows: int, tokens: int) -> float:
-        """The draft model's predicted prefill time over `rows` contexts of `tokens` tokens, from its measured
-        per-token cost at the widest profiled block (0 without a cost table: then a lazy draft is bought at once)."""
+        """The draft model's predicted prefill time over `rows` contexts of `tokens` tokens: the target's prefill
+        as last measured (ms per token) times the draft/target cost ratio of the widest profiled block. The table's
+        blocks compute logits at every token and a prefill at the last one only, so the draft's own per-token figure
+        there (used before any prefill was measured) came out ~1.4x too dear (q4k pair, HumanEval). 0 without a cost
+        table: then a lazy draft is bought at once."""
         if self.costs is None or "draft" not in self.costs.table.ms:
             return 0.0
         widest = max(self.costs.table.tokens)
-        return self.costs.time_ms("draft", 1, tokens, widest) / widest * rows * tokens
+        draft_ms = self.costs.time_ms("draft", 1, tokens, widest)
+        if self.target_prefill_ms_per_token is None:
+            return draft_ms / widest * rows * tokens
+        ratio = draft_ms / self.costs.time_ms("target", 1, tokens, widest)
+        return self.target_prefill_ms_per_token * ratio * rows * tokens
 
     # --- public API ----------------------------------------------------------------------------------------
     @property
@@ -354,7 +362,9 @@ class SpeculativeGenerator:
         for key, budget in zip(keys, max_new_tokens, strict=True):
             state.choosers[key].reserve(budget + 1)
         live = len(state.rows)
+        t0 = time.perf_counter()
         logits = self.target.add_rows(prompts, max(max_new_tokens), fresh=fresh)  # [n, V]: each last position
+        self.target_prefill_ms_per_token = 1000 * (time.perf_counter() - t0) / max(sum(map(len, prompts)), 1)
         try:
             first = state.choose(logits[:, None], torch.zeros(len(keys), 1, dtype=torch.long, device=logits.device),
                                  keys)[:, 0]

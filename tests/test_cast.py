@@ -207,6 +207,28 @@ def test_auto_falls_back_to_plain_decoding_and_probes_again():
     assert first_of_probe.count(True) == 3
 
 
+def test_the_measured_rate_and_back_off_belong_to_the_kind_of_drafter():
+    """Slow draft-free steps (a lazy draft's suffix phase on text that does not repeat) back off to plain decoding,
+    but a draft model joining then speculates at once (its own rate, none yet); back on draft-free steps (the next
+    request), the back-off they earned resumes. (A lazy draft model used to inherit the suffix phase's back-off: up
+    to five plain steps right after its prefill on HumanEval.)"""
+    policy = make_policy("cast")
+    policy.attach_costs(OnlineCosts(FLAT))
+
+    def step(draft_free: bool, accepted: int) -> str:
+        policy.begin_step(StepContext(batch_size=1, context_len=200, remaining=100, draft_free=draft_free))
+        plain = policy.max_depth() == 0
+        verified = 0 if plain else 4
+        policy.observe(StepRecord(tree_size=verified, verified=verified, depth=min(verified, 1),
+                                  accepted=torch.tensor([accepted if not plain else 0]), draft_s=0.0,
+                                  verify_s=(1.0 if plain else 1.5) * policy.t_one / 1000, plan={}))
+        return "P" if plain else "S"
+
+    assert "".join(step(draft_free=True, accepted=0) for _ in range(3)) == "SPP"
+    assert "".join(step(draft_free=False, accepted=3) for _ in range(3)) == "SSS"
+    assert step(draft_free=True, accepted=0) == "P"  # the draft-free back-off goes on where it stopped
+
+
 def test_calibration_learns_acceptance():
     calib = Calibration()
     scores = torch.full((1000,), -0.1)  # the draft says 90%

@@ -133,3 +133,29 @@ def test_a_price_small_beside_the_budget_lowers_the_threshold_a_large_one_does_n
     assert lazy.threshold_ms(context) == 5000.0
     lazy.prefill_ms, lazy.budget = (lambda rows, tokens: 100.0), 2  # cheap, but nothing left to gain
     assert lazy.threshold_ms(context) == 100.0
+
+
+def test_the_price_follows_the_measured_target_prefill(pair, monkeypatch):
+    """Once a prefill was measured, the price is the target's measured ms per prompt token times the table's
+    draft/target ratio (the table's own per-token figure counts logits at every token; a prefill needs the last)."""
+    from types import SimpleNamespace
+
+    import castspec.engine
+
+    target, draft = pair
+    gen = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy="cast", costs=OnlineCosts(FLAT),
+                               lazy_draft=True)
+    clock = [0.0]
+    monkeypatch.setattr(castspec.engine, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    add_rows = gen.target.add_rows
+
+    def timed_add_rows(prompts, *args, **kwargs):
+        clock[0] += 0.002 * sum(map(len, prompts))  # 2 ms per prompt token
+        return add_rows(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(gen.target, "add_rows", timed_add_rows)
+    gen.generate(PROMPTS[0], max_new_tokens=2)
+    widest = max(FLAT.tokens)
+    ratio = (10.0 + 0.05 * widest) / (100.0 + 0.2 * widest)  # FLAT's draft and target costs at its widest block
+    assert gen.drafter.prefill_ms(1, 100) == pytest.approx(2.0 * ratio * 100)
+    assert gen.drafter.prefill_ms(3, 100) == pytest.approx(3 * 2.0 * ratio * 100)

@@ -6,7 +6,8 @@ with the free suffix drafter (repeats of the prompt and output, no model) and pr
 batch has earned it, by the ski-rental rule: it adds up the time of the steps in which the text alone proposed
 nothing the target accepted (where a draft model could have helped), and buys the draft model once that *regret*
 reaches its threshold. Plain ski rental sets the threshold to the price, what the draft's prefill over the current
-context is predicted to cost (the draft's measured per-token cost from the cost table, times the context). Here the
+context is predicted to cost (the target's measured prefill per token, times the draft/target cost ratio from the
+cost table, times the context). Here the
 price is also weighed against the *upside*, what the draft could save over the rest of the answer budget (the
 remaining tokens at the measured time of a step, times `DRAFT_SAVES`): when the price is small beside it (short
 prompts, long budgets: code, chat) the threshold is price * price / upside, so a few unshortened steps buy the draft;

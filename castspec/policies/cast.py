@@ -124,6 +124,8 @@ class CastPolicy(TreePolicy):
         self.calibration = Calibration()
         self.spec_rate: float | None = None  # measured tokens per ms of speculative steps (EMA)
         self.backoff, self.plain_left, self.probing = 0, 0, 0  # probing: speculative steps left in a probe
+        self.rate_free = False  # which kind of drafter (draft-free or not) the rate and back-off above belong to
+        self.other_rate: tuple[float | None, int, int, int] = (None, 0, 0, 0)  # those of the other kind
         self.last_plan: dict[str, Any] = {}
 
     def attach_costs(self, costs: OnlineCosts) -> None:
@@ -141,6 +143,7 @@ class CastPolicy(TreePolicy):
     def _plan_step(self) -> None:
         """This step's cost lookups and fresh per-step state; decides whether it is a plain-decoding step."""
         ctx = self.ctx
+        self._rate_of(ctx.draft_free)
         # Costs of this step's possible shapes, looked up once: verify m nodes (+ root), draft w tokens.
         self.verify_ms = torch.tensor(self.costs.times_ms("target", ctx.batch_size, ctx.context_len,
                                                           range(1, self.verify_cap + 2)))
@@ -161,6 +164,17 @@ class CastPolicy(TreePolicy):
 
     def _f(self, role: str, tokens: int) -> float:
         return self.costs.time_ms(role, self.ctx.batch_size, self.ctx.context_len, tokens)
+
+    def _rate_of(self, draft_free: bool) -> None:
+        """Switch to the measured rate and back-off of this kind of drafter. A lazy draft model joins after the free
+        suffix drafter, whose slow rate on text that does not repeat would otherwise keep it decoding plainly for a
+        back-off after the purchase; and the next request starts draft-free again, where the model's rate is not
+        evidence either."""
+        if draft_free == self.rate_free:
+            return
+        mine = (self.spec_rate, self.backoff, self.plain_left, self.probing)
+        self.spec_rate, self.backoff, self.plain_left, self.probing = self.other_rate
+        self.other_rate, self.rate_free = mine, draft_free
 
     def _take_plain_step(self) -> bool:
         """auto: fall back to plain decoding while speculation measures slower than it; probe again later."""
