@@ -61,7 +61,8 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
                    draft_quant: str = "auto", cost_table: str | None = None,
                    max_batch_size: int = 1, target_dtype: str = "auto",
                    draft_vocab: int | None = None, suffix: bool = False,
-                   draft_window: int = 0, suffix_cache: int = 0, lazy_draft: bool = False) -> SpeculativeGenerator:
+                   draft_window: int = 0, suffix_cache: int = 0,
+                   lazy_draft: bool | None = None) -> SpeculativeGenerator:
     """Load models and build a `SpeculativeGenerator`.
 
     On CPU, `fast_kernels` runs every fp32 linear of both models on oneDNN with pre-packed weights (the `ar`
@@ -88,7 +89,9 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
     `suffix_cache` N > 0 (with `suffix` or `draft="none"`): repeats are also looked up in the outputs of the last N
     sequences this generator finished (useful to a server whose requests resemble each other). `lazy_draft` (with a
     draft model): speculate from repeats first and prefill the draft model only once it has earned its prefill
-    (`castspec.drafters.lazy`: long prompts with short or copy-heavy answers then skip the draft's prefill).
+    (`castspec.drafters.lazy`: long prompts with short or copy-heavy answers then skip the draft's prefill); None
+    (the default): lazy for policies that size trees from measured costs (`cast`), unless `suffix` or
+    `draft_window` asks for another way (`resolve_lazy_draft`).
 
     `draft="auto"`: the default draft if it has the target's tokenizer, else none. `draft="none"`: speculate without
     a draft model; candidates come from repeats in the prompt and the output so
@@ -107,6 +110,7 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
     draft_vocab = resolve_draft_vocab(draft_vocab)
     draft = resolve_draft(target, draft) if policy.uses_draft else None
     target_only = isinstance(draft, str) and draft.strip().lower() == NO_DRAFT
+    lazy_draft = resolve_lazy_draft(lazy_draft, policy, suffix, draft_window)
     if suffix_cache and not (suffix or lazy_draft or target_only):
         raise CastspecError("suffix_cache (--suffix-cache) needs suffix drafting: add --suffix, --lazy-draft or "
                             "--draft none")
@@ -134,6 +138,16 @@ def load_generator(target: str = DEFAULT_TARGET, draft: str | None = AUTO_DRAFT,
         drafter = SuffixDrafter(target_model.device, cache_size=suffix_cache)
     return SpeculativeGenerator(target_runtime, tokenizer, draft=drafter, policy=policy, costs=costs, suffix=suffix,
                                 draft_window=draft_window, suffix_cache=suffix_cache, lazy_draft=lazy_draft)
+
+
+def resolve_lazy_draft(lazy_draft: bool | None, policy: TreePolicy, suffix: bool, draft_window: int) -> bool:
+    """None: buy the draft model lazily wherever its price can be weighed, i.e. under a policy with a cost table
+    (`cast`), unless the caller chose to merge repeats into every tree (`suffix`) or to cut the draft's prefill
+    (`draft_window`). Measured (README, "Drafting from the text itself"): it spares long prompts the draft's prefill
+    and costs the short ones little; without a draft model it has nothing to buy and changes nothing."""
+    if lazy_draft is not None:
+        return lazy_draft
+    return bool(getattr(policy, "needs_costs", False)) and not suffix and not draft_window
 
 
 def prepare_target(model, name: str, dtype: str, fast_kernels: bool) -> ModelRuntime:

@@ -234,10 +234,11 @@ def _model_arguments(parser: argparse.ArgumentParser, target: str, draft: str) -
     parser.add_argument("--suffix", action="store_true",
                         help="with a draft model: also propose repeats of the prompt and output as candidates, "
                              "merged into the same tree (lossless; helps copy-heavy text)")
-    parser.add_argument("--lazy-draft", action="store_true",
+    parser.add_argument("--lazy-draft", action=argparse.BooleanOptionalAction, default=None,
                         help="speculate from repeats of the prompt and output first; prefill the draft model only "
                              "once the steps it could have shortened have cost as much as its prefill (long prompts "
-                             "with short or copy-heavy answers skip it); lossless")
+                             "with short or copy-heavy answers skip it); lossless. Default: on for --policy cast "
+                             "unless --suffix or --draft-window is given; --no-lazy-draft prefills it up front")
     parser.add_argument("--suffix-cache", type=_non_negative_int, default=0, metavar="N",
                         help="with --suffix, --lazy-draft or --draft none: also copy repeats from the outputs of "
                              "the last N finished sequences (requests that resemble each other; 0: off)")
@@ -356,7 +357,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suffix:
         raise CastspecError("bench: name the methods that should merge suffix candidates POLICY+suffix "
                             "(e.g. --methods ar,cast,cast+suffix) instead of --suffix")
-    if args.lazy_draft:
+    if args.lazy_draft is not None:
         raise CastspecError("bench: name the methods that should buy the draft lazily POLICY+lazy "
                             "(e.g. --methods ar,cast,cast+lazy) instead of --lazy-draft")
     if args.suffix_cache:

@@ -25,9 +25,10 @@ def target():
     return on_test_device(tiny_model("qwen2", seed=0, sharpen=30.0))
 
 
-def generator(target, policy: str) -> SpeculativeGenerator:
+def generator(target, policy: str, lazy_draft: bool = False) -> SpeculativeGenerator:
     draft = on_test_device(tiny_model("qwen2", seed=3, layers=1, sharpen=30.0))  # disagrees sometimes
-    return SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy=policy, costs=OnlineCosts(FLAT))
+    return SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy=policy, costs=OnlineCosts(FLAT),
+                                lazy_draft=lazy_draft)
 
 
 def run_schedule(gen: SpeculativeGenerator, arrivals: dict[int, list[int]], budgets: list[int],
@@ -45,6 +46,18 @@ def test_joining_and_leaving_rows_keep_every_output_exact(target, policy):
     outs = run_schedule(gen, {0: [0], 2: [1, 2], 3: [3], 6: [4]}, budgets)
     for key, prompt in enumerate(PROMPTS):
         assert outs[key] == reference_greedy(target, prompt, budgets[key]), (policy, key)
+
+
+def test_rows_joining_a_lazy_draft_before_and_after_its_purchase_stay_exact(target):
+    """The draft model bought mid-batch is prefilled on every live row's sequence so far; rows joining later get it
+    at once; the rows stay exact either way (`castspec serve` drives this with the default lazy draft)."""
+    gen = generator(target, "cast", lazy_draft=True)
+    gen.drafter.prefill_ms = lambda rows, tokens: 1e-9  # bought after the first step the repeats cannot shorten
+    budgets = [12, 5, 16, 9, 14]
+    outs = run_schedule(gen, {0: [0], 2: [1, 2], 3: [3], 6: [4]}, budgets)
+    assert gen.drafter.bought
+    for key, prompt in enumerate(PROMPTS):
+        assert outs[key] == reference_greedy(target, prompt, budgets[key]), key
 
 
 def test_rows_joining_after_the_batch_emptied_start_fresh(target):

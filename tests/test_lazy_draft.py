@@ -159,3 +159,23 @@ def test_the_price_follows_the_measured_target_prefill(pair, monkeypatch):
     ratio = (10.0 + 0.05 * widest) / (100.0 + 0.2 * widest)  # FLAT's draft and target costs at its widest block
     assert gen.drafter.prefill_ms(1, 100) == pytest.approx(2.0 * ratio * 100)
     assert gen.drafter.prefill_ms(3, 100) == pytest.approx(3 * 2.0 * ratio * 100)
+
+
+def test_lazy_is_the_default_where_its_price_can_be_weighed():
+    """`load_generator`'s (and so the CLI's and the server's) default: lazy under a cost-aware policy unless the
+    caller merges repeats into every tree or windows the draft's prefill; an explicit choice always wins."""
+    from castspec.api import resolve_lazy_draft
+    from castspec.cli import build_parser
+    from castspec.policies import make_policy
+
+    cast, chain = make_policy("cast"), make_policy("chain")
+    assert resolve_lazy_draft(None, cast, suffix=False, draft_window=0)
+    assert not resolve_lazy_draft(None, chain, suffix=False, draft_window=0)
+    assert not resolve_lazy_draft(None, cast, suffix=True, draft_window=0)
+    assert not resolve_lazy_draft(None, cast, suffix=False, draft_window=64)
+    assert not resolve_lazy_draft(False, cast, suffix=False, draft_window=0)
+    assert resolve_lazy_draft(True, chain, suffix=False, draft_window=0)
+    parse = build_parser().parse_args
+    assert parse(["generate", "--prompt", "x"]).lazy_draft is None
+    assert parse(["generate", "--prompt", "x", "--no-lazy-draft"]).lazy_draft is False
+    assert parse(["serve", "--lazy-draft"]).lazy_draft is True

@@ -249,6 +249,23 @@ def test_wrong_verifiers_are_caught(models, target_law, monkeypatch, wrong, poli
 SHORT_SETTING = SamplingConfig(temperature=1.3, top_p=0.8)
 
 
+@pytest.mark.parametrize("after_steps", [0, 2], ids=["bought-at-once", "bought-after-two-steps"])
+def test_a_lazy_draft_samples_the_target_law(models, target_law, after_steps):
+    """Steps from repeats alone (point-mass proposals), the draft model's prefill between steps, then its trees:
+    the law of the output is still exactly the target's (CAST auto, both batch compositions' prompts)."""
+    target, draft = models
+    gen = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy="cast", costs=FixedCosts(DEEP_TABLE),
+                               lazy_draft=True)
+    gen.eos_ids = set()
+    lazy = gen.drafter
+    lazy.threshold_ms = lambda contexts: 0.0 if lazy.steps + 1 >= after_steps else float("inf")  # steps: timed
+    config = DEEP_SETTINGS[0]
+    counts, _ = sample(gen, list(PROMPTS), config, SAMPLES, NEW_TOKENS)
+    assert gen.drafter.bought  # the last call bought it (each call is a new batch that decides afresh)
+    exact = [target_law(p, config) for p in PROMPTS]
+    assert chi_square_p_value(list(zip(exact, counts, strict=True))) > ALPHA
+
+
 @pytest.fixture(scope="module")
 def short_models():
     # The target's own weights as the draft: its top-k children hold most of the target's mass, so many steps
