@@ -334,6 +334,8 @@ class SpeculativeGenerator:
             raise CastspecError("a sequence key must be unique in the live batch")
         t0 = time.perf_counter()
         fresh = not state.rows
+        if fresh:
+            self.policy.new_batch()
         now = t0 - state.start_time
         for key, budget, chooser in zip(keys, max_new_tokens, choosers, strict=True):
             state.produced[key], state.budget[key], state.choosers[key] = 0, budget, chooser

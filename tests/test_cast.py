@@ -229,6 +229,47 @@ def test_the_measured_rate_and_back_off_belong_to_the_kind_of_drafter():
     assert step(draft_free=True, accepted=0) == "P"  # the draft-free back-off goes on where it stopped
 
 
+def test_a_new_batch_probes_instead_of_inheriting_the_back_off():
+    """A request that starts while the last one's back-off still runs speculates at once, judged by that step
+    alone: slow, it backs off from the first length (4) again; fast, it goes on speculating. Both kinds of drafter."""
+    policy = make_policy("cast")
+    policy.attach_costs(OnlineCosts(FLAT))
+
+    def step(fast: bool, draft_free: bool = False) -> str:
+        policy.begin_step(StepContext(batch_size=1, context_len=200, remaining=100, draft_free=draft_free))
+        plain = policy.max_depth() == 0
+        verified = 0 if plain else 4
+        policy.observe(StepRecord(tree_size=verified, verified=verified, depth=min(verified, 1),
+                                  accepted=torch.tensor([3 if fast and not plain else 0]), draft_s=0.0,
+                                  verify_s=(1.0 if plain else 1.5) * policy.t_one / 1000, plan={}))
+        return "P" if plain else "S"
+
+    assert "".join(step(fast=False) for _ in range(8)) == "S" + "P" * 4 + "SS" + "P"  # now in an 8-step back-off
+    assert "".join(step(fast=False, draft_free=True) for _ in range(2)) == "SP"
+    policy.new_batch()
+    assert "".join(step(fast=False) for _ in range(6)) == "S" + "P" * 4 + "S"  # probed, backed off from 4 again
+    policy.new_batch()
+    assert "".join(step(fast=True) for _ in range(3)) == "SSS"
+    policy.new_batch()
+    assert step(fast=False, draft_free=True) == "S"  # the draft-free kind's back-off was dropped too
+
+
+def test_the_engine_starts_each_request_with_a_new_batch():
+    from types import SimpleNamespace
+
+    from castspec.engine import SpeculativeGenerator
+    from tests.conftest import ToyTokenizer, tiny_model
+
+    target = tiny_model("qwen2", seed=2)
+    gen = SpeculativeGenerator(target, ToyTokenizer(), draft=tiny_model("qwen2", seed=5, layers=1), policy="cast",
+                               costs=OnlineCosts(FLAT))
+    calls = SimpleNamespace(n=0)
+    gen.policy.new_batch = lambda: setattr(calls, "n", calls.n + 1)
+    gen.generate([3, 4, 5], max_new_tokens=4)
+    gen.generate([3, 4, 5], max_new_tokens=4)
+    assert calls.n == 2
+
+
 def test_calibration_learns_acceptance():
     calib = Calibration()
     scores = torch.full((1000,), -0.1)  # the draft says 90%

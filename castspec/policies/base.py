@@ -81,6 +81,9 @@ class TreePolicy(ABC):
     def observe(self, record: StepRecord) -> None:  # noqa: B027 (optional hook)
         """Called after every step; policies that adapt online override it."""
 
+    def new_batch(self) -> None:  # noqa: B027 (optional hook)
+        """Called when a batch starts from empty (a new request, or requests after the server went idle)."""
+
     def describe(self) -> dict[str, Any]:
         """The policy's name and settings (for results and `--json`)."""
         return {"policy": self.name}

@@ -176,6 +176,14 @@ class CastPolicy(TreePolicy):
         self.spec_rate, self.backoff, self.plain_left, self.probing = self.other_rate
         self.other_rate, self.rate_free = mine, draft_free
 
+    def new_batch(self) -> None:
+        """A new request speculates first and is judged by that probe: a back-off earned on the previous prompt
+        (up to 64 steps) is no evidence about this one. (NQ/374 in benchmarks/lazy-fixed-q4k-8 inherited one: 81 of
+        its 103 steps decoded plainly.) The costs and the calibration carry over; they are about the models."""
+        other = self.other_rate[0]  # the other kind of drafter's rate
+        self.backoff, self.plain_left, self.probing = 0, 0, int(self.spec_rate is not None)
+        self.other_rate = (other, 0, 0, int(other is not None))
+
     def _take_plain_step(self) -> bool:
         """auto: fall back to plain decoding while speculation measures slower than it; probe again later."""
         if self.mode != "auto":
