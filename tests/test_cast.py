@@ -207,6 +207,18 @@ def test_auto_falls_back_to_plain_decoding_and_probes_again():
     assert first_of_probe.count(True) == 3
 
 
+def step_as_measured(policy, draft_free: bool, accepted: int) -> str:
+    """One step of `policy` whose speculative steps verify 4 nodes in 1.5x a plain step's time (slow unless some
+    are accepted) and accept `accepted` of them; "P" if it decoded plainly, else "S"."""
+    policy.begin_step(StepContext(batch_size=1, context_len=200, remaining=100, draft_free=draft_free))
+    plain = policy.max_depth() == 0
+    verified = 0 if plain else 4
+    policy.observe(StepRecord(tree_size=verified, verified=verified, depth=min(verified, 1),
+                              accepted=torch.tensor([0 if plain else accepted]), draft_s=0.0,
+                              verify_s=(1.0 if plain else 1.5) * policy.t_one / 1000, plan={}))
+    return "P" if plain else "S"
+
+
 def test_the_measured_rate_and_back_off_belong_to_the_kind_of_drafter():
     """Slow draft-free steps (a lazy draft's suffix phase on text that does not repeat) back off to plain decoding,
     but a draft model joining then speculates at once (its own rate, none yet); back on draft-free steps (the next
@@ -216,13 +228,7 @@ def test_the_measured_rate_and_back_off_belong_to_the_kind_of_drafter():
     policy.attach_costs(OnlineCosts(FLAT))
 
     def step(draft_free: bool, accepted: int) -> str:
-        policy.begin_step(StepContext(batch_size=1, context_len=200, remaining=100, draft_free=draft_free))
-        plain = policy.max_depth() == 0
-        verified = 0 if plain else 4
-        policy.observe(StepRecord(tree_size=verified, verified=verified, depth=min(verified, 1),
-                                  accepted=torch.tensor([accepted if not plain else 0]), draft_s=0.0,
-                                  verify_s=(1.0 if plain else 1.5) * policy.t_one / 1000, plan={}))
-        return "P" if plain else "S"
+        return step_as_measured(policy, draft_free, accepted)
 
     assert "".join(step(draft_free=True, accepted=0) for _ in range(3)) == "SPP"
     assert "".join(step(draft_free=False, accepted=3) for _ in range(3)) == "SSS"
@@ -236,13 +242,7 @@ def test_a_new_batch_probes_instead_of_inheriting_the_back_off():
     policy.attach_costs(OnlineCosts(FLAT))
 
     def step(fast: bool, draft_free: bool = False) -> str:
-        policy.begin_step(StepContext(batch_size=1, context_len=200, remaining=100, draft_free=draft_free))
-        plain = policy.max_depth() == 0
-        verified = 0 if plain else 4
-        policy.observe(StepRecord(tree_size=verified, verified=verified, depth=min(verified, 1),
-                                  accepted=torch.tensor([3 if fast and not plain else 0]), draft_s=0.0,
-                                  verify_s=(1.0 if plain else 1.5) * policy.t_one / 1000, plan={}))
-        return "P" if plain else "S"
+        return step_as_measured(policy, draft_free, 3 if fast else 0)
 
     assert "".join(step(fast=False) for _ in range(8)) == "S" + "P" * 4 + "SS" + "P"  # now in an 8-step back-off
     assert "".join(step(fast=False, draft_free=True) for _ in range(2)) == "SP"
