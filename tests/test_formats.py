@@ -181,6 +181,18 @@ def test_native_layers_compute_what_the_lean_layers_compute():
     torch.testing.assert_close(native, lean, rtol=1e-3, atol=1e-3)  # ... of one model
 
 
+def test_native_layers_reuse_their_buffers_without_reading_what_an_earlier_call_left():
+    """A thread keeps the native layer's working buffers from one call to the next (decoder_layer.cpp). A model whose
+    inputs are zero-padded (hidden 320, intermediate 640, in blocks of 256) gives bitwise the same logits before and
+    after a wider model (512: no padding) wrote real values where the padding columns lie; a padding read as left
+    would change the activations' block scales."""
+    prompt = [int(t) for t in torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(8))]
+    padded, wide = q4k_model(seed=5, hidden=320), q4k_model(seed=5, hidden=512)
+    before = CausalLMRunner(padded).prefill([prompt])
+    CausalLMRunner(wide).prefill([prompt + prompt])  # more rows than before: the buffers grow, then hold its values
+    assert torch.equal(CausalLMRunner(padded).prefill([prompt]), before)
+
+
 def test_the_native_stack_is_bitwise_the_stock_forward_around_native_layers():
     """`NativeStack` (embedding, native calls on one buffer, norm, lm_head) skips the stock forward's machinery but
     not its arithmetic: prefill, a tree and a padded batch give bitwise the logits of the stock forward."""

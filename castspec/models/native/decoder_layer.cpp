@@ -58,25 +58,57 @@ struct StepSpec {
     int64_t capacity;            // slots per (row, kv head) in the cache [batch, kv_heads, capacity, head_dim]
 };
 
-struct Activations {
-    std::vector<int8_t> q;
-    std::vector<float> s;
-    std::vector<int16_t> s16, s32;
-    int64_t n = 0;
+// A layer's working buffers are kept per thread from one call to the next: made anew, a prefill's (~120 MB per
+// layer at 783 tokens) were page-faulted in and zeroed by every layer of every forward. Contents carry over, so
+// whatever a kernel reads but does not write (the zero padding of a projection's input) is cleared on each use. A
+// buffer larger than SCRATCH_KEEP (a long prompt's) is freed after its layer instead of staying resident.
+#define SCRATCH_KEEP ((size_t)64 << 20)
+
+template <class T>
+struct Buffer {
+    std::vector<T> v;
+    T* get(size_t count) {
+        if (v.size() < count) v.resize(count);
+        return v.data();
+    }
+    void trim() {
+        if (v.size() * sizeof(T) > SCRATCH_KEEP) std::vector<T>().swap(v);
+    }
 };
 
+struct Activations {
+    Buffer<int8_t> q;
+    Buffer<float> s;
+    Buffer<int16_t> s16, s32;
+    int64_t n = 0;
+    void trim() {
+        q.trim(), s.trim(), s16.trim(), s32.trim();
+    }
+};
+
+struct Scratch {
+    Buffer<float> normed, qkv, att, proj, gate_up, act;
+    Activations a;
+    void trim() {
+        normed.trim(), qkv.trim(), att.trim(), proj.trim(), gate_up.trim(), act.trim(), a.trim();
+    }
+};
+static thread_local Scratch scratch;
+
+// Columns [from, to) of `rows` rows `ld` apart set to zero (a projection input's padding past its real size).
+static void zero_columns(float* x, int64_t rows, int64_t from, int64_t to, int64_t ld) {
+    if (from < to)
+        for (int64_t r = 0; r < rows; r++) memset(x + r * ld + from, 0, (to - from) * sizeof(float));
+}
+
 static void quantize(const float* x, int64_t n, int64_t k, Activations& a) {
-    a.q.resize(n * k);
-    a.s.resize(n * k / 256);
-    a.s16.resize(n * k / 16);
-    a.s32.resize(n * k / 32);
     a.n = n;
-    quantize_rows(x, n, k, a.q.data(), a.s.data(), a.s16.data(), a.s32.data());
+    quantize_rows(x, n, k, a.q.get(n * k), a.s.get(n * k / 256), a.s16.get(n * k / 16), a.s32.get(n * k / 32));
 }
 
 static void linear_into(const Proj& p, const Activations& a, float* out, int64_t ldo) {
-    (p.q6 ? q6k_matmul : q4k_matmul)(p.w, p.cols, p.k, a.q.data(), a.s.data(), a.s16.data(), a.s32.data(), a.n, out,
-                                     ldo, p.half);
+    (p.q6 ? q6k_matmul : q4k_matmul)(p.w, p.cols, p.k, a.q.v.data(), a.s.v.data(), a.s16.v.data(), a.s32.v.data(),
+                                     a.n, out, ldo, p.half);
     if (p.bias)
         for (int64_t r = 0; r < a.n; r++)
             for (int64_t c = 0; c < p.cols; c++) out[r * ldo + c] += p.bias[c];
@@ -290,19 +322,30 @@ static void attend_rows(const LayerSpec& L, const StepSpec& S, int64_t r0, int64
     }
 }
 
+// A half's input: `hidden` RMS-normed into k-wide rows (columns past H: the projections' zero padding), quantized.
+static void norm_and_quantize(const float* hidden, const float* weight, float eps, int64_t rows, int64_t H, int64_t k,
+                              Activations& a) {
+    float* normed = scratch.normed.get(rows * k);
+    zero_columns(normed, rows, H, k, k);
+    rms_norm(hidden, weight, eps, rows, H, normed, k);
+    quantize(normed, rows, k, a);
+}
+
 // Attention half: norm, q/k/v, rotary, cache write, attention, o_proj; hidden += result.
 static void attention_block(const LayerSpec& L, const StepSpec& S, float* hidden, float* kcache, float* vcache) {
     const int64_t rows = S.batch * S.n, H = L.hidden, d = L.head_dim;
     const int64_t qd = L.heads * d, kd = L.kv_heads * d, ld = qd + 2 * kd;
-    std::vector<float> normed(rows * L.q.k), qkv(rows * ld), att(rows * L.o.k), proj(rows * H);  // zero padded
-    Activations a;
-    rms_norm(hidden, L.norm1, L.eps1, rows, H, normed.data(), L.q.k);
-    quantize(normed.data(), rows, L.q.k, a);
-    linear_into(L.q, a, qkv.data(), ld);
-    linear_into(L.k, a, qkv.data() + qd, ld);
-    linear_into(L.v, a, qkv.data() + qd + kd, ld);
+    float* qkv = scratch.qkv.get(rows * ld);
+    float* att = scratch.att.get(rows * L.o.k);
+    float* proj = scratch.proj.get(rows * H);
+    Activations& a = scratch.a;
+    zero_columns(att, rows, qd, L.o.k, L.o.k);
+    norm_and_quantize(hidden, L.norm1, L.eps1, rows, H, L.q.k, a);
+    linear_into(L.q, a, qkv, ld);
+    linear_into(L.k, a, qkv + qd, ld);
+    linear_into(L.v, a, qkv + qd + kd, ld);
     for (int64_t r = 0; r < rows; r++) {
-        float* row = qkv.data() + r * ld;
+        float* row = qkv + r * ld;
         rotate(row, L.heads + L.kv_heads, d, S.cos + r * d, S.sin + r * d);
         const int64_t b = r / S.n, slot = S.write_slot[r];
         for (int64_t h = 0; h < L.kv_heads; h++) {
@@ -317,26 +360,28 @@ static void attention_block(const LayerSpec& L, const StepSpec& S, float* hidden
         const int64_t h = task % L.kv_heads, chunk = task / L.kv_heads % chunks, b = task / L.kv_heads / chunks;
         const int64_t r0 = b * S.n + chunk * ATTEND_ROWS, r1 = r0 + ATTEND_ROWS < (b + 1) * S.n ? r0 + ATTEND_ROWS
                                                                                              : (b + 1) * S.n;
-        attend_rows(L, S, r0, r1, h, qkv.data(), ld, kcache, vcache, att.data());
+        attend_rows(L, S, r0, r1, h, qkv, ld, kcache, vcache, att);
     }
-    quantize(att.data(), rows, L.o.k, a);
-    linear_into(L.o, a, proj.data(), H);
+    quantize(att, rows, L.o.k, a);
+    linear_into(L.o, a, proj, H);
     for (int64_t i = 0; i < rows * H; i++) hidden[i] += proj[i];
 }
 
 // MLP half: norm, gate/up, SiLU(gate) * up, down; hidden += result.
 static void mlp_block(const LayerSpec& L, const StepSpec& S, float* hidden) {
     const int64_t rows = S.batch * S.n, H = L.hidden, I = L.inter;
-    std::vector<float> normed(rows * L.gate.k), gate_up(rows * 2 * I), act(rows * L.down.k), proj(rows * H);
-    Activations a;
-    rms_norm(hidden, L.norm2, L.eps2, rows, H, normed.data(), L.gate.k);
-    quantize(normed.data(), rows, L.gate.k, a);
-    linear_into(L.gate, a, gate_up.data(), 2 * I);
-    linear_into(L.up, a, gate_up.data() + I, 2 * I);
+    float* gate_up = scratch.gate_up.get(rows * 2 * I);
+    float* act = scratch.act.get(rows * L.down.k);
+    float* proj = scratch.proj.get(rows * H);
+    Activations& a = scratch.a;
+    zero_columns(act, rows, I, L.down.k, L.down.k);
+    norm_and_quantize(hidden, L.norm2, L.eps2, rows, H, L.gate.k, a);
+    linear_into(L.gate, a, gate_up, 2 * I);
+    linear_into(L.up, a, gate_up + I, 2 * I);
 #pragma omp parallel for schedule(static) if (rows > 8)
     for (int64_t r = 0; r < rows; r++) {
-        const float* g = gate_up.data() + r * 2 * I;
-        float* y = act.data() + r * L.down.k;
+        const float* g = gate_up + r * 2 * I;
+        float* y = act + r * L.down.k;
         int64_t i = 0;
         for (; i + 8 <= I; i += 8) {
             const __m256 x = _mm256_loadu_ps(g + i);
@@ -346,8 +391,8 @@ static void mlp_block(const LayerSpec& L, const StepSpec& S, float* hidden) {
         }
         for (; i < I; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * g[I + i];
     }
-    quantize(act.data(), rows, L.down.k, a);
-    linear_into(L.down, a, proj.data(), H);
+    quantize(act, rows, L.down.k, a);
+    linear_into(L.down, a, proj, H);
     for (int64_t i = 0; i < rows * H; i++) hidden[i] += proj[i];
 }
 
@@ -355,4 +400,5 @@ extern "C" void decoder_layer(const LayerSpec* layer, const StepSpec* step, floa
                               float* vcache) {
     attention_block(*layer, *step, hidden, kcache, vcache);
     mlp_block(*layer, *step, hidden);
+    scratch.trim();
 }
