@@ -188,7 +188,7 @@ def test_auto_falls_back_to_plain_decoding_and_probes_again():
         policy.begin_step(ctx)
         plain = policy.max_depth() == 0
         one_s, four_s = policy.t_one / 1000, float(policy.verify_ms[4]) / 1000
-        catch_up = policy.probing == 2 and not plain
+        catch_up = policy.rate.probing == 2 and not plain
         first_of_probe.append(catch_up)
         if plain:
             record = StepRecord(tree_size=0, verified=0, depth=0, accepted=torch.tensor([0]), draft_s=0.0,

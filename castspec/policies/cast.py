@@ -28,6 +28,7 @@ decoding's), steps fall back to plain decoding and probe again later with growin
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -102,6 +103,21 @@ class Calibration:
         self._refresh(source.unique().tolist())
 
 
+@dataclass
+class MeasuredRate:
+    """What auto mode has measured of speculating with one kind of drafter (a draft model, or draft-free), and the
+    plain-decoding back-off that measure earned."""
+
+    tokens_per_ms: float | None = None  # of speculative steps (EMA)
+    backoff: int = 0  # length of the last plain stretch (doubles with each failed probe)
+    plain_left: int = 0  # plain steps left in the current stretch
+    probing: int = 0  # speculative steps left in a probe
+
+    def restart(self) -> None:
+        """A new batch: no back-off; probe first if a rate was measured."""
+        self.backoff, self.plain_left, self.probing = 0, 0, int(self.tokens_per_ms is not None)
+
+
 @register
 class CastPolicy(TreePolicy):
     name = "cast"
@@ -122,10 +138,8 @@ class CastPolicy(TreePolicy):
         self.costs: OnlineCosts | None = None
         self.ratios: deque[float] = deque([1.0], maxlen=self.R)  # paper: FIFO of layer utility ratios
         self.calibration = Calibration()
-        self.spec_rate: float | None = None  # measured tokens per ms of speculative steps (EMA)
-        self.backoff, self.plain_left, self.probing = 0, 0, 0  # probing: speculative steps left in a probe
-        self.rate_free = False  # which kind of drafter (draft-free or not) the rate and back-off above belong to
-        self.other_rate: tuple[float | None, int, int, int] = (None, 0, 0, 0)  # those of the other kind
+        self.measured = {False: MeasuredRate(), True: MeasuredRate()}  # per kind of drafter: draft-free or not
+        self.rate = self.measured[False]  # this step's kind's
         self.last_plan: dict[str, Any] = {}
 
     def attach_costs(self, costs: OnlineCosts) -> None:
@@ -170,39 +184,35 @@ class CastPolicy(TreePolicy):
         suffix drafter, whose slow rate on text that does not repeat would otherwise keep it decoding plainly for a
         back-off after the purchase; and the next request starts draft-free again, where the model's rate is not
         evidence either."""
-        if draft_free == self.rate_free:
-            return
-        mine = (self.spec_rate, self.backoff, self.plain_left, self.probing)
-        self.spec_rate, self.backoff, self.plain_left, self.probing = self.other_rate
-        self.other_rate, self.rate_free = mine, draft_free
+        self.rate = self.measured[draft_free]
 
     def new_batch(self) -> None:
         """A new request speculates first and is judged by that probe: a back-off earned on the previous prompt
         (up to 64 steps) is no evidence about this one. (NQ/374 in benchmarks/lazy-fixed-q4k-8 inherited one: 81 of
         its 103 steps decoded plainly.) The costs and the calibration carry over; they are about the models."""
-        other = self.other_rate[0]  # the other kind of drafter's rate
-        self.backoff, self.plain_left, self.probing = 0, 0, int(self.spec_rate is not None)
-        self.other_rate = (other, 0, 0, int(other is not None))
+        for rate in self.measured.values():
+            rate.restart()
 
     def _take_plain_step(self) -> bool:
         """auto: fall back to plain decoding while speculation measures slower than it; probe again later."""
         if self.mode != "auto":
             return False
-        if self.plain_left > 0:
-            self.plain_left -= 1
+        rate = self.rate
+        if rate.plain_left > 0:
+            rate.plain_left -= 1
             # The probe after a backoff speculates twice and is judged by its second step alone: the first one also
             # feeds the draft every token accepted while decoding plainly (one wide catch-up forward), a cost of
             # the plain stretch that would otherwise make every probe look slow and keep CAST from ever returning.
-            self.probing = 2 if self.plain_left == 0 else 0
+            rate.probing = 2 if rate.plain_left == 0 else 0
             return True
-        if self.probing:  # the backoff is over: speculate and judge by the probe, not the stale rate
+        if rate.probing:  # the backoff is over: speculate and judge by the probe, not the stale rate
             return False
-        if self.spec_rate is not None and self.spec_rate < 0.95 / self.t_one:
-            self.backoff = min(max(2 * self.backoff, 4), 64)  # each failed probe waits twice as long
-            self.plain_left = self.backoff - 1
+        if rate.tokens_per_ms is not None and rate.tokens_per_ms < 0.95 / self.t_one:
+            rate.backoff = min(max(2 * rate.backoff, 4), 64)  # each failed probe waits twice as long
+            rate.plain_left = rate.backoff - 1
             return True
-        if self.spec_rate is not None and self.spec_rate >= 1.0 / self.t_one:
-            self.backoff = 0
+        if rate.tokens_per_ms is not None and rate.tokens_per_ms >= 1.0 / self.t_one:
+            rate.backoff = 0
         return False
 
     def max_depth(self) -> int:
@@ -355,17 +365,18 @@ class CastPolicy(TreePolicy):
             self.calibration.update(edge_logp[judged], node_accepted[judged], edge_source[judged])
         predicted_verify = float(self.verify_ms[min(record.verified, self.verify_cap)])
         self.costs.observe("target", predicted_verify, record.verify_s * 1000)
-        catch_up = self.probing == 2 and not self.plain  # the probe's first step: its draft time is the catch-up's
+        measured = self.rate
+        catch_up = measured.probing == 2 and not self.plain  # the probe's first step: its draft time is the catch-up's
         if record.tree_size and not self.ctx.draft_free and not catch_up:
             self.costs.observe("draft", self.draft_ms, record.draft_s * 1000)
         if catch_up:  # not a measure of speculation either
-            self.probing = 1
+            measured.probing = 1
         elif not self.plain:  # a speculative step (even one that verified nothing) measures the speculative rate
             tokens = float(accepted.float().mean()) + 1.0
             rate = tokens / max((record.draft_s + record.verify_s) * 1000, 1e-6)
-            fresh = self.spec_rate is None or self.probing
-            self.spec_rate = rate if fresh else self.spec_rate + 0.2 * (rate - self.spec_rate)
-            self.probing = 0
+            fresh = measured.tokens_per_ms is None or measured.probing
+            measured.tokens_per_ms = rate if fresh else measured.tokens_per_ms + 0.2 * (rate - measured.tokens_per_ms)
+            measured.probing = 0
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"policy": self.name, "mode": self.mode}
