@@ -296,7 +296,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     import torch
 
     from castspec.api import load_generator
-    from castspec.cost.profiler import Grid, expected_meta, profile, table_path
+    from castspec.cost.profiler import Grid, expected_meta, measured_under_load, profile, table_path
     from castspec.models.packaged import castspec_home
 
     if args.threads:
@@ -310,6 +310,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     table = profile(runtimes, grid)
     out = args.out or table_path(expected_meta(runtimes), castspec_home())
     table.save(out)
+    busy = measured_under_load(table)
+    if busy is not None:
+        print(f"castspec: warning: other processes kept {busy} cores busy during the profile: its times include "
+              f"that load (saved as asked; measure again on an idle machine)", file=sys.stderr)
     print(_cost_summary(table))
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -118,7 +118,10 @@ def test_online_costs_follow_measurements():
 
 
 # --- profiler --------------------------------------------------------------------------------------------------
-def test_profiler_on_tiny_models_makes_a_well_formed_table(tmp_path):
+def test_profiler_on_tiny_models_makes_a_well_formed_table(tmp_path, monkeypatch):
+    from castspec.cost import profiler
+
+    monkeypatch.setattr(profiler, "BUSY_LIMIT", float("inf"))  # cached even if the machine is busy meanwhile
     models = {"target": tiny_model("qwen2", seed=0).float(), "draft": tiny_model("qwen2", seed=1, layers=1).float()}
     grid = Grid(batch_sizes=[1, 2], contexts=[16, 32], tokens=[1, 2, 4], repeats=1)
     table = profile(models, grid, progress=False)
@@ -126,6 +129,7 @@ def test_profiler_on_tiny_models_makes_a_well_formed_table(tmp_path):
     loaded = CostTable.load(tmp_path / "t.json")
     assert loaded.meta["models"]["target"]["hash"] != loaded.meta["models"]["draft"]["hash"]
     assert all(t > 0 for role in ("target", "draft") for plane in loaded.ms[role] for row in plane for t in row)
+    assert loaded.extra["other_busy_cores"] >= 0  # the rest of the machine's load while it was measured
     # First use without a table profiles quickly and caches; the second use reads the cache.
     first = load_or_profile(models, home=tmp_path)
     second = load_or_profile(models, home=tmp_path)

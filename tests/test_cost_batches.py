@@ -87,3 +87,31 @@ def test_a_cell_is_read_in_rounds_and_cheap_shapes_more_often(monkeypatch):
     times = profiler._read_cell(None, 2, grid, lambda n: None, finished.append)
     assert order == [1, 4, 16, 1, 4, 16, 1, 4]  # B x n = 256 is skipped; 2 x 16 = 32 > 8 tokens: two rounds only
     assert {ni: len(t) for ni, t in times.items()} == {0: 3, 1: 3, 2: 2} and len(finished) == 3
+
+
+def test_a_quick_table_measured_beside_another_computation_serves_the_run_but_is_not_cached(models, monkeypatch,
+                                                                                           tmp_path, capsys):
+    """Its times hold the other process's load; cached, they would size every later run's trees."""
+    def busy_profile(models, grid, progress=True):
+        return flat_table(models, grid.batch_sizes, other_busy_cores=1.2)
+
+    monkeypatch.setattr(profiler, "profile", busy_profile)
+    table = load_or_profile(models, home=tmp_path)
+    (line,) = warnings_in(capsys.readouterr().err)
+    assert table.batch_sizes == [1] and "1.2 cores busy" in line and "not saved" in line
+    assert not table_path(expected_meta(models), tmp_path).exists()
+    monkeypatch.setattr(profiler, "profile", lambda models, grid, progress=True: flat_table(
+        models, grid.batch_sizes, other_busy_cores=0.0))
+    load_or_profile(models, home=tmp_path)  # measured again, on an idle machine this time: kept
+    assert table_path(expected_meta(models), tmp_path).exists() and warnings_in(capsys.readouterr().err) == []
+
+
+def test_other_processes_busy_time_is_the_machines_minus_this_processs():
+    from castspec.cost.machine_load import cpu_times, others_busy_cores
+
+    # 200 ticks over 2 CPUs: 150 busy, 50 of them this process's -> others kept 100 / 200 * 2 = 1 core busy
+    assert others_busy_cores((1000, 500, 100), (1200, 550, 150), cpus=2) == 1.0
+    assert others_busy_cores((1000, 500, 100), (1200, 550, 250), cpus=2) == 0.0  # never below zero
+    assert others_busy_cores(None, (1200, 550, 150)) is None
+    now = cpu_times()
+    assert now is None or all(isinstance(v, int) and v >= 0 for v in now)

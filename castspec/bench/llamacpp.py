@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from castspec.cost.machine_load import busy_cores
 from castspec.errors import CastspecError
 
 PLAIN = "llama.cpp"
@@ -40,27 +41,6 @@ DIFFERENT_ARITHMETIC = ("llama.cpp decodes the GGUF with its own kernels, castsp
                         "order): different arithmetic, so differing outputs are expected there and are not a failure "
                         "of exactness")
 _CTX_STEP = 1024
-
-
-def busy_cores(seconds: float = 0.3) -> float | None:
-    """How many cores the rest of the machine kept busy over a short window in which this process is idle (from
-    /proc/stat; None where that is unavailable). llama.cpp's threads spin at barriers: with as many threads as
-    cores, one busy core elsewhere can slow it down many times over, so each run records this just before it."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-        return sum(values[:8]), idle
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    return round((os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0)), 2)
 
 
 def is_llamacpp_method(method: str) -> bool:

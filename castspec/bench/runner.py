@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from castspec.bench.datasets import Prompt
 from castspec.bench.llamacpp import PLAIN, is_llamacpp_method
+from castspec.cost.machine_load import busy_cores
 from castspec.cost.profiler import cpu_description, load_or_profile
 from castspec.cost.table import OnlineCosts
 from castspec.drafters.suffix import SuffixDrafter
@@ -255,7 +256,6 @@ class MethodRunner:
             from castspec.bench.llamacpp import (
                 LlamaCppPlain,
                 LlamaCppSpec,
-                busy_cores,
                 find_spec_binary,
                 gguf_for,
                 spec_draft_max,

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from castspec.cost.machine_load import cpu_times, others_busy_cores
 from castspec.cost.table import CostTable
 from castspec.errors import CastspecError
 from castspec.models.draft_head import draft_vocab_ids, draft_vocab_size
@@ -143,6 +144,7 @@ def profile(models: dict[str, Any], grid: Grid, progress: bool = True) -> CostTa
     cells = [(role, b, c) for role in models for b in grid.batch_sizes for c in grid.contexts]
     total = sum(sum(1 for n in grid.tokens if b * n <= grid.max_batch_tokens or n == 1) for _, b, _ in cells)
     bar = tqdm(total=total, desc="profiling", unit="shape", disable=not progress, file=sys.stderr)
+    before = cpu_times()
     ms: dict[str, list[list[list[float | None]]]] = {
         role: [[[None] * len(grid.tokens) for _ in grid.contexts] for _ in grid.batch_sizes] for role in models}
     for role, b, c in cells:
@@ -159,7 +161,8 @@ def profile(models: dict[str, Any], grid: Grid, progress: bool = True) -> CostTa
     meta["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
     meta["host"] = platform.node() or os.uname().nodename
     table = CostTable(meta=meta, batch_sizes=list(grid.batch_sizes), contexts=list(grid.contexts),
-                      tokens=list(grid.tokens), ms=ms, extra={"repeats": grid.repeats})
+                      tokens=list(grid.tokens), ms=ms,
+                      extra={"repeats": grid.repeats, "other_busy_cores": others_busy_cores(before, cpu_times())})
     ratios = table.draft_ratios()
     if ratios is not None:  # for reading the table: what a draft level costs against a plain decoding step
         table.extra["draft_vs_target_1"] = ratios
@@ -211,6 +214,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Cores other processes may keep busy while a quick table is measured for it still to be cached: a table measured
+# beside another computation holds that load's timings, and CAST would size every later run's trees by them.
+BUSY_LIMIT = 0.25
+
+
 def load_or_profile(models: dict[str, Any], path: str | Path | None = None, max_batch_size: int = 1,
                     home: Path | None = None) -> CostTable:
     """The cost table for these loaded models on this device, covering batches of 1 .. `max_batch_size`.
@@ -245,8 +253,20 @@ def load_or_profile(models: dict[str, Any], path: str | Path | None = None, max_
           f"{cached}; `castspec profile` measures the full grid)", file=sys.stderr)
     table = profile(models, grid)
     table.extra["quick"] = True
+    busy = measured_under_load(table)
+    if busy is not None:
+        print(f"castspec: warning: other processes kept {busy} cores busy while the quick cost table was measured; "
+              f"it serves this run but is not saved (the next run measures again; `castspec profile` on an idle "
+              f"machine writes one to keep)", file=sys.stderr)
+        return table
     table.save(cached)
     return table
+
+
+def measured_under_load(table: CostTable) -> float | None:
+    """The cores other processes kept busy while `table` was measured, if more than `BUSY_LIMIT`; else None."""
+    busy = table.extra.get("other_busy_cores")
+    return busy if busy is not None and busy > BUSY_LIMIT else None
 
 
 def covers(table: CostTable, max_batch_size: int) -> bool:
