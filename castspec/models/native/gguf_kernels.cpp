@@ -25,9 +25,11 @@
 // stack, and multi-row tiles ran 15-25% slower. Integer sums are exact, so the order of the adds changes no bit.
 #include <immintrin.h>
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 // Activations: per row, per 256-block: int8 (scale amax/127), sums per 16 and per 32.
 extern "C" void quantize_rows(const float* x, int64_t n, int64_t k, int8_t* xq, float* xs, int16_t* bsum16,
@@ -205,7 +207,11 @@ static inline void q6k_tile(const uint8_t* w, int64_t nb, int64_t, const int8_t*
 // 1-4 rows 0.73-0.93x if shared dynamically too). Which thread computes a column changes no bit.
 static inline int64_t share_of_groups(int64_t groups, int64_t rows) {
     if (rows > 8) return 4;
+#ifdef _OPENMP
     const int64_t threads = omp_get_max_threads();
+#else
+    const int64_t threads = 1;  // built without OpenMP (benchmarks/q4k_kernels/floor.cpp): one thread
+#endif
     return (groups + threads - 1) / threads;
 }
 #define DISPATCH(KERNEL, STRIDE, SUMS, PER)                                                                     \
