@@ -373,9 +373,10 @@ class CastPolicy(TreePolicy):
             measured.probing = 1
         elif not self.plain:  # a speculative step (even one that verified nothing) measures the speculative rate
             tokens = float(accepted.float().mean()) + 1.0
-            rate = tokens / max((record.draft_s + record.verify_s) * 1000, 1e-6)
+            step_rate = tokens / max((record.draft_s + record.verify_s) * 1000, 1e-6)
             fresh = measured.tokens_per_ms is None or measured.probing
-            measured.tokens_per_ms = rate if fresh else measured.tokens_per_ms + 0.2 * (rate - measured.tokens_per_ms)
+            measured.tokens_per_ms = step_rate if fresh else \
+                measured.tokens_per_ms + 0.2 * (step_rate - measured.tokens_per_ms)
             measured.probing = 0
 
     def describe(self) -> dict[str, Any]:
