@@ -24,6 +24,7 @@ from castspec.models.draft_head import reduce_draft_vocab
 from castspec.models.format_choice import choose_target_dtype
 from castspec.models.formats import quantize_int8_rows
 from castspec.models.gguf_format import use_gguf_linears
+from castspec.models.greedy_head import use_greedy_head
 from castspec.models.kernels import quantize_draft_int8, use_fast_cpu_linears
 from castspec.models.lean import use_lean_layers
 from castspec.models.load import load_model, load_tokenizer, resolve_model_dir
@@ -161,6 +162,7 @@ def prepare_target(model, name: str, dtype: str, fast_kernels: bool) -> ModelRun
         if fast_kernels:  # q4k is its own format: each decoder layer one native call, exact to itself (per row)
             use_lean_layers(model)
             use_native_layers(model)
+            use_greedy_head(model)  # greedy tokens through a coarse head and bounds: the same ids, fewer bytes
     if fast_kernels:
         use_fast_cpu_linears(model)
     return ModelRuntime.of(model, "target", dtype)

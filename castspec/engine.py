@@ -140,11 +140,15 @@ class BatchState:
             for records in (self.produced, self.budget, self.choosers, self.stats, self.joined):
                 records.pop(key, None)
 
+    def all_greedy(self, rows: list[int] | None = None) -> bool:
+        """Every row (or every one of `rows`) decodes greedily: its tokens are argmaxes, nothing else of the logits."""
+        return all(self.choosers[key].config.greedy for key in (self.rows if rows is None else rows))
+
     def choose(self, logits: torch.Tensor, index: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """Each row's target token at each of n positions from logits [B, n, V], by that row's own chooser;
         `index` [B, n] is the output index the chosen token would have (see `TokenChooser`)."""
         choosers = [self.choosers[key] for key in (self.rows if rows is None else rows)]
-        if all(c.config.greedy for c in choosers):
+        if self.all_greedy(rows):
             return logits.argmax(dim=-1)
         return torch.stack([chooser(logits[i], index[i]) for i, chooser in enumerate(choosers)])
 
@@ -477,9 +481,12 @@ class SpeculativeGenerator:
         """The target's one forward over root + verified nodes; its cache keeps exactly the accepted path."""
         tokens, positions, block_mask = vtree.block_inputs(self.target.next_pos)
         self.target.begin_block()
-        logits = self.target.forward(tokens, positions, block_mask)
-        # The token chosen at a node at position p is output token p + 1 - prompt length of its row.
-        outcome = verify(vtree, state.choose(logits, positions + 1 - state.prompt_len[:, None]))
+        if state.all_greedy():  # argmaxes only: the target's greedy head need not read its whole output head
+            chosen = self.target.forward_greedy(tokens, positions, block_mask)
+        else:  # the token chosen at a node at position p is output token p + 1 - prompt length of its row
+            chosen = state.choose(self.target.forward(tokens, positions, block_mask),
+                                  positions + 1 - state.prompt_len[:, None])
+        outcome = verify(vtree, chosen)
         root_slot = torch.zeros_like(outcome.bonus)[:, None]
         self.target.commit(torch.cat([root_slot, outcome.path + 1], dim=1), outcome.n_accepted + 1)
         return outcome

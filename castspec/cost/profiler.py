@@ -201,7 +201,10 @@ def _time_forward(runner: CausalLMRunner, n: int) -> float:
     runner.begin_block()
     _sync(device)
     start = time.perf_counter()
-    runner.forward(tokens, positions, mask)
+    if runner.greedy_head is not None:  # what a greedy decoding step runs (the default; sampling reads the full head)
+        runner.forward_greedy(tokens, positions, mask)
+    else:
+        runner.forward(tokens, positions, mask)
     _sync(device)
     elapsed = (time.perf_counter() - start) * 1000
     runner.commit(torch.zeros(batch, 0, dtype=torch.long, device=device),

@@ -99,8 +99,14 @@ def _library_or_reason() -> ctypes.CDLL | str:
     for name in ("q4k_matmul", "q6k_matmul"):
         getattr(library, name).argtypes = [_POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER, _INT64,
                                            _POINTER, _INT64, _INT64]
+    # matmul_groups(w, is Q6_K, k, half, group ids, count, xq, scales, sums16, sums32, n, out, out's row stride)
+    library.matmul_groups.argtypes = [_POINTER, _INT64, _INT64, _INT64, _POINTER, _INT64, _POINTER, _POINTER, _POINTER,
+                                      _POINTER, _INT64, _POINTER, _INT64]
+    # select_groups(coarse, rows, columns, row stride, bound, norms, kept group ids) -> count (-1: not finite)
+    library.select_groups.argtypes = [_POINTER, _INT64, _INT64, _INT64, _POINTER, _POINTER, _POINTER]
+    library.select_groups.restype = _INT64
     library.decoder_layer.argtypes = [_POINTER] * 5  # (layer spec, step spec, hidden, key cache, value cache)
-    for name in ("quantize_rows", "q4k_matmul", "q6k_matmul", "decoder_layer"):
+    for name in ("quantize_rows", "q4k_matmul", "q6k_matmul", "matmul_groups", "decoder_layer"):
         getattr(library, name).restype = None
     return library
 

@@ -17,6 +17,7 @@ only, which is fixed per model.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -183,9 +184,11 @@ class NativeStack:
         return cls(model, list(layers))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: TreeKVCache, layout,
-                logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor | None:
-        """Logits [B, n (or as kept), V], or None when the native path does not apply here (not float32 on the
-        CPU): the caller then runs the stock forward."""
+                logits_to_keep: int | torch.Tensor = 0,
+                head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Logits [B, n (or as kept), V], or `head` of the final normed hidden states [B, n, H] when given (a
+        greedy head's token ids); None when the native path does not apply here (not float32 on the CPU): the
+        caller then runs the stock forward."""
         inner = self.model.model
         hidden = inner.embed_tokens(tokens)
         if hidden.dtype != torch.float32 or hidden.device.type != "cpu":
@@ -193,6 +196,8 @@ class NativeStack:
         hidden = hidden.contiguous()
         self._run_layers(hidden, inner.rotary_emb(hidden, positions), positions, cache, layout)
         hidden = inner.norm(hidden)
+        if head is not None:
+            return head(hidden)
         return self.model.lm_head(slice_logits_to_keep(hidden, logits_to_keep))  # the stock forward's own slicing
 
     def _run_layers(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,

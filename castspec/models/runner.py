@@ -27,11 +27,13 @@ class CausalLMRunner:
         """`canonical`: attend in canonical order (`castspec.models.attention`), so a token's logits never depend on
         what shares the forward. Targets need it; a draft may skip it (its output only proposes), unless it runs
         native decoder layers, which read the canonical key layout (`castspec.models.native_layer`)."""
+        from castspec.models.greedy_head import greedy_head_of
         from castspec.models.native_layer import NativeDecoderLayer, NativeStack
 
         self.model = model
         self.canonical = canonical or any(isinstance(m, NativeDecoderLayer) for m in model.modules())
         self.native = NativeStack.of(model)  # the whole forward natively (bitwise the stock path's result)
+        self.greedy_head = greedy_head_of(model)  # greedy tokens without the whole output head (q4k targets)
         use_tree_attention(model)  # no KV copy; a query's result never depends on the other queries
         self.config = model.config
         self.device = model.device
@@ -124,6 +126,22 @@ class CausalLMRunner:
         tokens each new token attends to; every query also sees its row's committed tokens. `token_valid` [B, n]
         marks padding among the new tokens (a padding query attends to itself only, so softmax stays finite).
         """
+        return self._forward(tokens, positions, block_mask, token_valid, logits_to_keep)
+
+    @torch.inference_mode()
+    def forward_greedy(self, tokens: torch.Tensor, positions: torch.Tensor, block_mask: torch.Tensor,
+                       token_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """As `forward`, but each new token's greedy choice [B, n] instead of its logits: `forward(...).argmax(-1)`,
+        through the model's greedy head when it has one (`castspec.models.greedy_head`: the same ids, reading a
+        fraction of the output head)."""
+        if self.greedy_head is None:
+            return self.forward(tokens, positions, block_mask, token_valid).argmax(dim=-1)
+        return self._forward(tokens, positions, block_mask, token_valid, greedy=True)
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, block_mask: torch.Tensor,
+                 token_valid: torch.Tensor | None, logits_to_keep: int | torch.Tensor = 0,
+                 greedy: bool = False) -> torch.Tensor:
+        """`forward`, or with `greedy` `forward_greedy` (the greedy head on the native path, else the argmax)."""
         batch, n = tokens.shape
         if token_valid is not None:
             own = torch.eye(n, dtype=torch.bool, device=self.device)[None] & ~token_valid[:, :, None]
@@ -134,10 +152,12 @@ class CausalLMRunner:
         layout = key_layout(allowed, key_pos, positions, token_valid) if self.canonical else None
         try:
             if self.native is not None:
-                logits = self.native.forward(tokens, positions, self.cache, layout, logits_to_keep)
-                if logits is not None:
-                    return logits
-            return self._stock_forward(tokens, positions, allowed, key_pos, layout, logits_to_keep)
+                head = self.greedy_head.argmax if greedy else None
+                out = self.native.forward(tokens, positions, self.cache, layout, logits_to_keep, head)
+                if out is not None:
+                    return out
+            logits = self._stock_forward(tokens, positions, allowed, key_pos, layout, logits_to_keep)
+            return logits.argmax(dim=-1) if greedy else logits
         finally:
             self.cache.end_write(n)
 

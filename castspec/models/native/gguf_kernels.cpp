@@ -200,6 +200,38 @@ static inline void q6k_tile(const uint8_t* w, int64_t nb, int64_t, const int8_t*
 #define TILE 4
 #define ROW_CHUNK 64
 
+template <bool Q6, int NR>
+static inline void tile(const uint8_t* w, int64_t nb, int64_t half, const int8_t* xq, const float* xs,
+                        const int16_t* sums, int64_t k, float* out, int64_t ldo) {
+    if (Q6)
+        q6k_tile<NR>(w, nb, half, xq, xs, sums, k, out, ldo);
+    else
+        q4k_tile<NR>(w, nb, half, xq, xs, sums, k, out, ldo);
+}
+
+// Rows [r0, r1) of one group of 8 columns (records `wg`) into out's columns 0-7: tiles of TILE rows, then the rest.
+// Q6_K reads the sums per 16 inputs, Q4_K per 32.
+template <bool Q6>
+static inline void group_rows(const uint8_t* wg, int64_t nb, int64_t half, int64_t r0, int64_t r1, const int8_t* xq,
+                              const float* xs, const int16_t* bsum16, const int16_t* bsum32, int64_t k, float* out,
+                              int64_t ldo) {
+    const int64_t per = Q6 ? 16 : 8;
+    const int16_t* sums = Q6 ? bsum16 : bsum32;
+    int64_t r = r0;
+#define ROWS(NR) tile<Q6, NR>(wg, nb, half, xq + r * k, xs + r * nb, sums + r * nb * per, k, out + r * ldo, ldo)
+    for (; r + TILE <= r1; r += TILE) ROWS(TILE);
+    switch (r1 - r) {
+        case 3: ROWS(3); break;
+        case 2: ROWS(2); break;
+        case 1: ROWS(1); break;
+    }
+#undef ROWS
+}
+
+static inline int64_t record_bytes(bool q6, int64_t nb, int64_t half) {
+    return q6 ? nb * Q6X8 : (half ? (nb - 1) * Q4X8 + Q4X8_HALF : nb * Q4X8);
+}
+
 // Column groups a thread takes at a time. Few rows (decoding, small trees): the weights stream from memory, and one
 // contiguous share per thread (as a static schedule) keeps each thread's reads sequential. Many rows (prefill): the
 // tiles are compute-bound and a thread that the VM slows down would hold the other at the barrier; small shares
@@ -214,32 +246,74 @@ static inline int64_t share_of_groups(int64_t groups, int64_t rows) {
 #endif
     return (groups + threads - 1) / threads;
 }
-#define DISPATCH(KERNEL, STRIDE, SUMS, PER)                                                                     \
-    int64_t nb = k / 256, groups = m / 8;                                                                       \
-    for (int64_t r0 = 0; r0 < n; r0 += ROW_CHUNK) {                                                             \
-        int64_t r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;                                                   \
-        const int64_t per = share_of_groups(groups, r1 - r0);                                                   \
-        _Pragma("omp parallel for schedule(dynamic, per)") for (int64_t gi = 0; gi < groups; gi++) {            \
-            const uint8_t* wg = w + gi * (STRIDE);                                                              \
-            int64_t r = r0;                                                                                     \
-            for (; r + TILE <= r1; r += TILE)                                                                   \
-                KERNEL<TILE>(wg, nb, half, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * ldo + gi * 8, ldo); \
-            switch (r1 - r) {                                                                                   \
-                case 3: KERNEL<3>(wg, nb, half, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * ldo + gi * 8, ldo); break; \
-                case 2: KERNEL<2>(wg, nb, half, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * ldo + gi * 8, ldo); break; \
-                case 1: KERNEL<1>(wg, nb, half, xq + r * k, xs + r * nb, SUMS + r * nb * PER, k, out + r * ldo + gi * 8, ldo); break; \
-            }                                                                                                   \
-        }                                                                                                       \
+
+template <bool Q6>
+static void matmul(const uint8_t* w, int64_t m, int64_t k, const int8_t* xq, const float* xs, const int16_t* bsum16,
+                   const int16_t* bsum32, int64_t n, float* out, int64_t ldo, int64_t half) {
+    const int64_t nb = k / 256, groups = m / 8, stride = record_bytes(Q6, nb, half);
+    for (int64_t r0 = 0; r0 < n; r0 += ROW_CHUNK) {
+        const int64_t r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;
+        const int64_t per = share_of_groups(groups, r1 - r0);
+#pragma omp parallel for schedule(dynamic, per)
+        for (int64_t gi = 0; gi < groups; gi++)
+            group_rows<Q6>(w + gi * stride, nb, half, r0, r1, xq, xs, bsum16, bsum32, k, out + gi * 8, ldo);
     }
+}
 
 // `half`: each column's last record is a half one (Q4_K only; see Q4X8_HALF); k counts the padded inputs.
 extern "C" void q4k_matmul(const uint8_t* w, int64_t m, int64_t k, const int8_t* xq, const float* xs,
                            const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out, int64_t ldo,
                            int64_t half) {
-    DISPATCH(q4k_tile, half ? (nb - 1) * Q4X8 + Q4X8_HALF : nb * Q4X8, bsum32, 8)
+    matmul<false>(w, m, k, xq, xs, bsum16, bsum32, n, out, ldo, half);
 }
 extern "C" void q6k_matmul(const uint8_t* w, int64_t m, int64_t k, const int8_t* xq, const float* xs,
                            const int16_t* bsum16, const int16_t* bsum32, int64_t n, float* out, int64_t ldo,
                            int64_t half) {
-    DISPATCH(q6k_tile, nb * Q6X8, bsum16, 16)
+    matmul<true>(w, m, k, xq, xs, bsum16, bsum32, n, out, ldo, half);
+}
+
+// Only the listed groups of 8 columns: out[:, 8i .. 8i+8) = rows x the columns of group groups[i]. For a look at a
+// few columns of a large matrix (castspec/models/greedy_head.py); each group runs the full matmul's own tiles, so
+// its values are bitwise the same as there.
+extern "C" void matmul_groups(const uint8_t* w, int64_t q6, int64_t k, int64_t half, const int64_t* groups,
+                              int64_t count, const int8_t* xq, const float* xs, const int16_t* bsum16,
+                              const int16_t* bsum32, int64_t n, float* out, int64_t ldo) {
+    const int64_t nb = k / 256, stride = record_bytes(q6, nb, half);
+#pragma omp parallel for schedule(dynamic, 8) if (count > 8)
+    for (int64_t i = 0; i < count; i++) {
+        const uint8_t* wg = w + groups[i] * stride;
+        if (q6)
+            group_rows<true>(wg, nb, half, 0, n, xq, xs, bsum16, bsum32, k, out + i * 8, ldo);
+        else
+            group_rows<false>(wg, nb, half, 0, n, xq, xs, bsum16, bsum32, k, out + i * 8, ldo);
+    }
+}
+
+// The groups of 8 columns that may hold a row's largest value (castspec/models/greedy_head.py): per row, lower =
+// max_j (coarse[j] - bound[j] * norm), and a group stays if any row has coarse[j] + bound[j] * norm >= lower, over
+// the `cols` real columns (a last group's padding columns are never looked at). Writes the kept group ids in
+// ascending order and returns their count; -1 if a coarse value is not finite (no bound holds then). Only soundness
+// matters here, not bits: the bounds carry a margin for the rounding of this arithmetic.
+extern "C" int64_t select_groups(const float* coarse, int64_t rows, int64_t cols, int64_t ld, const float* bound,
+                                 const float* norms, int64_t* groups) {
+    const int64_t count = (cols + 7) / 8;
+    uint8_t* keep = new uint8_t[count]();
+    int64_t bad = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const float* c = coarse + r * ld;
+        const float norm = norms[r];
+        float lower = -INFINITY;
+        for (int64_t j = 0; j < cols; j++) {
+            const float v = c[j];
+            bad |= !(fabsf(v) <= 3.0e38f);  // NaN or infinite
+            const float low = v - bound[j] * norm;
+            lower = low > lower ? low : lower;
+        }
+        for (int64_t j = 0; j < cols; j++) keep[j / 8] |= c[j] + bound[j] * norm >= lower;
+    }
+    int64_t kept = 0;
+    for (int64_t g = 0; g < count; g++)
+        if (keep[g]) groups[kept++] = g;
+    delete[] keep;
+    return bad ? -1 : kept;
 }
