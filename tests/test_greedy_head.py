@@ -91,3 +91,26 @@ def test_greedy_decoding_is_the_same_with_and_without_the_greedy_head(policy):
     gen = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy=policy)
     assert gen.target.greedy_head is not None
     assert [r.token_ids for r in gen.generate_batch(prompts, max_new_tokens=20)] == expected
+
+
+def test_a_large_heads_coarse_copy_is_cached_and_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
+    from castspec.models import greedy_head
+
+    monkeypatch.setenv("CASTSPEC_HOME", str(tmp_path))
+    monkeypatch.setattr(greedy_head, "CACHE_BYTES", 0)  # cache every head
+    head = q6k_head()
+    rows = torch.randn(8, INPUTS, generator=torch.Generator().manual_seed(2))
+    first = GreedyHead.build(head)
+    [cached] = (tmp_path / "greedy_heads").glob("*.pt")
+    build = greedy_head._coarse_and_bound
+    monkeypatch.setattr(greedy_head, "_coarse_and_bound", lambda h: pytest.fail("built although cached"))
+    again = GreedyHead.build(head)
+    assert torch.equal(again.bound, first.bound) and torch.equal(again.coarse.blocks, first.coarse.blocks)
+    assert torch.equal(again.argmax(rows), head(rows).argmax(dim=-1))
+    cached.write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(greedy_head, "_coarse_and_bound", build)
+    assert torch.equal(GreedyHead.build(head).bound, first.bound)
+    assert torch.equal(torch.load(cached, weights_only=True)["bound"], first.bound)  # replaced by a good copy
+    monkeypatch.setenv("CASTSPEC_HOME", str(cached / "inside-a-file"))  # cannot be created
+    assert torch.equal(GreedyHead.build(head).argmax(rows), head(rows).argmax(dim=-1))
+    assert "could not cache the greedy head" in capsys.readouterr().err

@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,22 +57,13 @@ class GreedyHead:
     @classmethod
     def build(cls, head: GGUFLinear) -> GreedyHead:
         """The coarse copy and the bounds of `head` (cached under castspec's home for large heads)."""
-        path = None
-        if head.blocks.numel() >= CACHE_BYTES:
-            from castspec.models.packaged import castspec_home
-
-            digest = hashlib.blake2b(_VERSION + head.blocks.numpy().tobytes(), digest_size=12).hexdigest()
-            path = castspec_home() / "greedy_heads" / f"{digest}.pt"
-        if path is not None and path.is_file():
-            saved = torch.load(path, weights_only=True)
-            blocks, bound = saved["blocks"].numpy(), saved["bound"]
-        else:
-            blocks, bound = _coarse_and_bound(head)
+        path = _cache_path(head) if head.blocks.numel() >= CACHE_BYTES else None
+        saved = _load(path, head) if path is not None else None
+        if saved is None:
+            saved = _coarse_and_bound(head)
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                partial = path.with_suffix(".partial")
-                torch.save({"blocks": torch.from_numpy(blocks), "bound": bound}, partial)
-                partial.replace(path)
+                _save(path, *saved)
+        blocks, bound = saved
         return cls(head, GGUFLinear(blocks, "Q4_K", in_features=head.in_features), bound)
 
     @torch.inference_mode()
@@ -98,6 +92,39 @@ class GreedyHead:
         if head.out_features % 8:  # the last group's padding columns are not the head's
             exact[:, columns >= head.out_features] = -torch.inf
         return columns[exact.argmax(dim=1)].reshape(lead)
+
+
+def _cache_path(head: GGUFLinear) -> Path:
+    from castspec.models.packaged import castspec_home
+
+    digest = hashlib.blake2b(_VERSION + head.blocks.numpy().tobytes(), digest_size=12).hexdigest()
+    return castspec_home() / "greedy_heads" / f"{digest}.pt"
+
+
+def _load(path: Path, head: GGUFLinear) -> tuple[np.ndarray, torch.Tensor] | None:
+    """The cached coarse blocks and bounds of `head`; None when absent or unreadable (then rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        blocks, bound = saved["blocks"].numpy(), saved["bound"]
+    except Exception:  # a truncated or foreign file: build again and replace it
+        return None
+    if blocks.shape[0] != head.out_features or bound.shape != (head.out_features,) or bound.dtype != torch.float32:
+        return None
+    return blocks, bound
+
+
+def _save(path: Path, blocks: np.ndarray, bound: torch.Tensor) -> None:
+    """Cache them for the next load; a home that cannot be written only costs the next load the build."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial")  # concurrent builders never share a file
+        torch.save({"blocks": torch.from_numpy(blocks), "bound": bound}, partial)
+        partial.replace(path)
+    except OSError as e:
+        print(f"castspec: could not cache the greedy head at {path.parent} ({e.strerror or e}); it will be built "
+              "again at the next load", file=sys.stderr)
 
 
 def _norms(rows) -> torch.Tensor:
