@@ -114,3 +114,25 @@ def test_a_large_heads_coarse_copy_is_cached_and_a_damaged_cache_is_rebuilt(tmp_
     monkeypatch.setenv("CASTSPEC_HOME", str(cached / "inside-a-file"))  # cannot be created
     assert torch.equal(GreedyHead.build(head).argmax(rows), head(rows).argmax(dim=-1))
     assert "could not cache the greedy head" in capsys.readouterr().err
+
+
+def test_where_the_bounds_rule_out_little_the_full_head_is_read_and_the_coarse_pass_tried_again_later():
+    head = q6k_head()
+    greedy = GreedyHead.build(head)
+    weight = head.dequantized()
+    generator = torch.Generator().manual_seed(3)
+    flat = torch.randn(16, 4, INPUTS, generator=generator)  # nothing stands out: most groups survive the bounds
+    peaked = 40 * weight[torch.randint(0, COLUMNS, (16, 4), generator=generator)]
+    tries = []
+    for rows in flat:
+        before = greedy.full_calls
+        assert torch.equal(greedy.argmax(rows), head(rows).argmax(dim=-1))
+        tries.append(greedy.full_calls == before)
+    assert tries[:2] == [True, False] and greedy.share > 0.3, "expensive: the full head from the next call on"
+    assert tries[2:8] == [False] * 6 and tries[8], "tried again after 8 calls"
+    assert tries[9:] == [False] * 7, "then after 16"
+    for step, rows in enumerate(peaked):
+        assert torch.equal(greedy.argmax(rows), head(rows).argmax(dim=-1))
+        if step == 8:
+            settled = greedy.full_calls
+    assert greedy.share < 0.3 and greedy.full_calls == settled, "back on the coarse pass once a try was cheap"
