@@ -147,9 +147,9 @@ class BatchState:
     def choose(self, logits: torch.Tensor, index: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """Each row's target token at each of n positions from logits [B, n, V], by that row's own chooser;
         `index` [B, n] is the output index the chosen token would have (see `TokenChooser`)."""
-        choosers = [self.choosers[key] for key in (self.rows if rows is None else rows)]
         if self.all_greedy(rows):
             return logits.argmax(dim=-1)
+        choosers = [self.choosers[key] for key in (self.rows if rows is None else rows)]
         return torch.stack([chooser(logits[i], index[i]) for i, chooser in enumerate(choosers)])
 
 

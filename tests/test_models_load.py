@@ -267,8 +267,9 @@ def make_chunk_package(root: Path, tag: str, i: int, data: bytes, recorded: byte
 
 
 def fake_chunk_spec(monkeypatch, tag: str, n: int, size: int) -> None:
-    """Built-in model "fake-model" made of the packages of make_chunk_package(..., tag, ...)."""
-    spec = dataclasses.replace(BUILTIN_MODELS["qwen2.5-coder-0.5b"], name="fake-model", version="1.0",
+    """Built-in model "fake-model" made of the packages of make_chunk_package(..., tag, ...). Its float32 copy is
+    tiny (fp32_gb=0), so the free-space check before converting passes on a nearly full disk too."""
+    spec = dataclasses.replace(BUILTIN_MODELS["qwen2.5-coder-0.5b"], name="fake-model", version="1.0", fp32_gb=0.0,
                                packages=tuple(f"castspec-fake{tag}-part{i}" for i in range(1, n + 1)),
                                modules=tuple(f"castspec_fake{tag}_part{i}" for i in range(1, n + 1)), gguf_size=size)
     monkeypatch.setitem(BUILTIN_MODELS, "fake-model", spec)
@@ -308,6 +309,18 @@ def test_garbage_gguf_is_reported_and_leaves_no_files(home, tmp_path, monkeypatc
         ensure_converted("fake-model")
     left = [p.name for p in (home / "models").iterdir()]
     assert left == [".fake-model.lock"]
+
+
+def test_too_little_disk_for_the_conversion_is_a_clear_error(home, tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    make_chunk_package(site, "big", 1, b"GGUF" + bytes(100))
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    fake_chunk_spec(monkeypatch, "big", 1, 104)
+    monkeypatch.setitem(BUILTIN_MODELS, "fake-model", dataclasses.replace(BUILTIN_MODELS["fake-model"], fp32_gb=1e9))
+    with pytest.raises(CastspecError, match=r"converting fake-model needs ~1000000000\.0 GB free in .*CASTSPEC_HOME"):
+        ensure_converted("fake-model")
+    assert [p.name for p in (home / "models").iterdir()] == [".fake-model.lock"]
 
 
 # --- a real model ----------------------------------------------------------------------------------------------------

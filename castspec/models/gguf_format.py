@@ -71,10 +71,7 @@ def projections(members: list[GGUFLinear], x: torch.Tensor) -> torch.Tensor:
     member's kernel writes its own columns of one output. Bitwise the same as calling each member (a column's result
     depends on its own blocks and the row only). One member alone is `GGUFLinear.forward`."""
     lead, first = x.shape[:-1], members[0]
-    flat = x.reshape(-1, first.in_features)
-    if first.padded_in != first.in_features:  # the blocks' zero columns past the input
-        flat = torch.nn.functional.pad(flat, (0, first.padded_in - first.in_features))
-    rows = quantize_rows(flat, first._kernels)
+    rows = first.quantize_input(x)
     widths = [member.blocks.shape[0] * 8 for member in members]  # whole groups of 8 columns, padding included
     out = torch.empty(rows.count, sum(widths))
     parts, start = [], 0
@@ -121,6 +118,13 @@ class GGUFLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return projections([self], x)
+
+    def quantize_input(self, x: torch.Tensor) -> QuantizedRows:
+        """x [..., in] as the kernels take it: rows zero-padded to the blocks' input size, quantized."""
+        flat = x.reshape(-1, self.in_features)
+        if self.padded_in != self.in_features:  # the blocks' zero columns past the input
+            flat = torch.nn.functional.pad(flat, (0, self.padded_in - self.in_features))
+        return quantize_rows(flat, self._kernels)
 
     def multiply_into(self, rows: QuantizedRows, out: torch.Tensor) -> None:
         """Write rows x W^T (no bias) into `out` [n, >= columns], a view whose rows may be longer (one slice of a

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from castspec.models.gguf_format import GGUFLinear, quantize_q4k, quantize_rows
+from castspec.models.gguf_format import GGUFLinear, quantize_q4k
 
 __all__ = ["GreedyHead", "greedy_head_of", "use_greedy_head"]
 
@@ -52,7 +52,7 @@ PROBE_FIRST, PROBE_LAST = 8, 64  # calls on the full head before the coarse pass
 # Per column, how much of ||W_j|| etc. the float-rounding margin adds: ~100x what the kernels can round by.
 ROUNDING_MARGIN = 1e-4
 # Heads smaller than this are rebuilt at each load (fast); larger ones are cached on disk (building the 1.5B's
-# takes ~20 s).
+# takes ~28 s).
 CACHE_BYTES = 16 << 20
 _VERSION = b"greedy-head-v1"
 _ATTRIBUTE = "castspec_greedy_head"
@@ -87,23 +87,31 @@ class GreedyHead:
         if self._full_is_cheaper():
             self.full_calls += 1
             return self.head(hidden).argmax(dim=-1)
-        lead, head = hidden.shape[:-1], self.head
-        flat = hidden.reshape(-1, head.in_features).float()
-        if head.padded_in != head.in_features:
-            flat = torch.nn.functional.pad(flat, (0, head.padded_in - head.in_features))
-        rows = quantize_rows(flat, self._kernels)
+        rows = self.head.quantize_input(hidden)
+        groups = self._candidates(rows)
+        if groups is None:
+            return self.head(hidden).argmax(dim=-1)
+        return self._exact_argmax(rows, groups).reshape(hidden.shape[:-1])
+
+    def _candidates(self, rows) -> torch.Tensor | None:
+        """The groups of 8 columns the bounds leave for some row, ascending (the coarse pass); None when a coarse
+        logit is not finite. Updates the running share of groups kept."""
         coarse = torch.empty(rows.count, self.coarse.blocks.shape[0] * 8)
         self.coarse.multiply_into(rows, coarse)
-        norms, kept = _norms(rows), torch.empty(coarse.shape[1] // 8, dtype=torch.long)
-        count = self._kernels.select_groups(coarse.data_ptr(), rows.count, head.out_features, coarse.stride(0),
+        norms, kept = _norms(rows), torch.empty(coarse.shape[1] // 8, dtype=torch.long)  # alive through the call
+        count = self._kernels.select_groups(coarse.data_ptr(), rows.count, self.head.out_features, coarse.stride(0),
                                             self.bound.data_ptr(), norms.data_ptr(), kept.data_ptr())
         if count < 0:
-            return head(hidden).argmax(dim=-1)
-        groups = kept[:count]
+            return None
         self.last_groups = count
         share = count / kept.numel()  # a try after full-head calls stands alone: the text may have changed
         fresh = self.share is None or self.share >= KEEP_LIMIT
         self.share = share if fresh else self.share + SHARE_WEIGHT * (share - self.share)
+        return kept[:count]
+
+    def _exact_argmax(self, rows, groups: torch.Tensor) -> torch.Tensor:
+        """Each row's first largest exact logit among `groups`' columns (the full head's own tiles), as a token id."""
+        head = self.head
         exact = torch.empty(rows.count, groups.numel() * 8)
         self._kernels.matmul_groups(head.blocks.data_ptr(), int(head.qtype == "Q6_K"), head.padded_in, int(head.half),
                                     groups.data_ptr(), groups.numel(), rows.values.data_ptr(), rows.scales.data_ptr(),
@@ -112,8 +120,7 @@ class GreedyHead:
         columns = (groups[:, None] * 8 + torch.arange(8)).flatten()
         if head.out_features % 8:  # the last group's padding columns are not the head's
             exact[:, columns >= head.out_features] = -torch.inf
-        return columns[exact.argmax(dim=1)].reshape(lead)
-
+        return columns[exact.argmax(dim=1)]
 
     def _full_is_cheaper(self) -> bool:
         """Whether to read the full head this call (module docstring, "When it pays")."""
