@@ -318,7 +318,7 @@ def test_too_little_disk_for_the_conversion_is_a_clear_error(home, tmp_path, mon
     importlib.invalidate_caches()
     fake_chunk_spec(monkeypatch, "big", 1, 104)
     monkeypatch.setitem(BUILTIN_MODELS, "fake-model", dataclasses.replace(BUILTIN_MODELS["fake-model"], fp32_gb=1e9))
-    with pytest.raises(CastspecError, match=r"converting fake-model needs ~1000000000\.0 GB free in .*CASTSPEC_HOME"):
+    with pytest.raises(CastspecError, match=r"converting fake-model needs ~1000000000\.2 GB free in .*CASTSPEC_HOME"):
         ensure_converted("fake-model")
     assert [p.name for p in (home / "models").iterdir()] == [".fake-model.lock"]
 
