@@ -33,11 +33,11 @@ from castspec.cost.profiler import cpu_description  # noqa: E402
 
 
 class Clock:
-    """Accumulates time spent inside one model's forwards and inside one runner's `forward`."""
+    """Accumulates time spent inside one model's forwards and inside one runner's `forward`/`forward_greedy`."""
 
     def __init__(self, runner) -> None:
         self.model_s = self.runner_s = 0.0
-        self._start = 0.0
+        self._start, self._depth = 0.0, 0
         runner.model.register_forward_pre_hook(self._enter)
         runner.model.register_forward_hook(self._leave)
         if runner.native is not None:  # a native stack runs the model without its module call: time that instead
@@ -51,16 +51,22 @@ class Clock:
                     self._leave()
 
             runner.native.forward = stack_timed
-        inner = runner.forward
+        # instance attributes: this script's generator only. Greedy verification enters through forward_greedy.
+        runner.forward = self._timed(runner.forward)
+        runner.forward_greedy = self._timed(runner.forward_greedy)
 
-        def timed(*args, **kwargs):
+    def _timed(self, inner):
+        def timed(*args, **kwargs):  # counted once when one calls the other (forward_greedy without a greedy head)
+            self._depth += 1
             t0 = time.perf_counter()
             try:
                 return inner(*args, **kwargs)
             finally:
-                self.runner_s += time.perf_counter() - t0
+                self._depth -= 1
+                if not self._depth:
+                    self.runner_s += time.perf_counter() - t0
 
-        runner.forward = timed  # an instance attribute: this script's generator only
+        return timed
 
     def _enter(self, *args) -> None:
         self._start = time.perf_counter()
