@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for prompt_id in sorted(reference):
         answer = reference[prompt_id]
-        agreed = agreement(gen.target, encode_prompt(gen.tokenizer, prompts[prompt_id]), answer)
+        agreed = agreement(gen.runtimes["target"].runner, encode_prompt(gen.tokenizer, prompts[prompt_id]), answer)
         rows.append((prompt_id, len(answer), agreed))
         print(f"{prompt_id}: {agreed}/{len(answer)}", file=sys.stderr)
     total, agreed = sum(r[1] for r in rows), sum(r[2] for r in rows)

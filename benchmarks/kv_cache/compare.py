@@ -75,7 +75,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         old_engine, old_policies = import_before(args.before, Path(tmp))
         base = load_generator(policy="cast")
-        target, draft, tokenizer, table = base.target.model, base.drafter.runner.model, base.tokenizer, base.costs.table
+        target, draft = base.runtimes["target"].model, base.runtimes["draft"].model  # the generator's public runtimes
+        tokenizer, table = base.tokenizer, base.costs.table
         versions = {}
         for method in methods:
             versions[("before", method)] = old_engine.SpeculativeGenerator(
