@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -282,6 +283,16 @@ def _draft_vocab(text: str) -> int:
     return value
 
 
+def _check_writable(directory: Path, flag: str) -> None:
+    """Fail at once, not after minutes or hours of measuring, when `directory` (made if missing) takes no files."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".castspec-write-test-"):
+            pass
+    except OSError as err:
+        raise CastspecError(f"cannot write to {flag} {directory}: {err.strerror or err}") from None
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = sorted({int(v) for v in text.split(",") if v.strip()})
@@ -301,6 +312,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.out is not None:
+        _check_writable(args.out.parent, "--out")
     grid = Grid(batch_sizes=_int_list(args.batch_sizes, "--batch-sizes"),
                 contexts=_int_list(args.contexts, "--contexts"), tokens=_int_list(args.tokens, "--tokens"),
                 repeats=args.repeats)
@@ -373,6 +386,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     methods = _bench_methods(args.methods)
     batch_sizes = _int_list(args.batch_size, "--batch-size")
     _sampling(args)  # validate before loading prompts or models
+    _check_writable(args.out, "--out")
     if not args.report_only:
         _check_llamacpp(args, methods)
     datasets = args.dataset or ["humaneval"]
@@ -538,6 +552,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         raise CastspecError("--methods is empty")
     if not Path(args.spec_bench).is_file():
         raise CastspecError(f"Spec-Bench file not found: {args.spec_bench} (give --spec-bench PATH)")
+    _check_writable(args.out, "--out")
     config = LoadConfig(target=args.target, draft=args.draft, methods=methods, rates=parse_rates(args.rates),
                         num_requests=args.num_requests, max_tokens=args.max_tokens, seed=args.seed,
                         max_batch_size=args.max_batch_size, threads=args.threads, spec_bench=args.spec_bench,

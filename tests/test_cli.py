@@ -159,6 +159,7 @@ BENCH = ["bench", "--target", "{target}", "--draft", "{draft}", "--out", "{tmp}/
     (["generate", "--suffix-cache", "4"], "--suffix-cache) needs suffix drafting"),
     (["generate", "--draft-window", "-1"], "--draft-window"),
     (["profile", "--batch-sizes", "0,2"], "--batch-sizes needs positive whole numbers"),
+    (["profile", "--out", "/proc/castspec/table.json"], "cannot write to --out /proc/castspec"),
     # bench: the same flags, the same errors
     (BENCH + ["--batch-size", "0"], "--batch-size needs positive whole numbers"),
     (BENCH + ["--temperature", "-0.5"], "temperature must be"),
@@ -170,6 +171,7 @@ BENCH = ["bench", "--target", "{target}", "--draft", "{draft}", "--out", "{tmp}/
     (BENCH + ["--methods", "ar,eagle3"], "unknown policy 'eagle3'"),
     (BENCH + ["--methods", "ar,eagle2:top_k=500/depth=2"], "top_k=500 is larger than the vocabulary"),
     (BENCH + ["--dataset", "squad"], "unknown dataset"),
+    (BENCH + ["--out", "{tmp}/blank.txt/out"], "cannot write to --out"),
     (BENCH + ["--gguf", "{tmp}/model.gguf"], "are for the llama.cpp methods, which --methods does not include"),
 ])
 def test_bad_input_is_one_clear_error_line(pair, capsys, tmp_path, argv, message):
