@@ -80,6 +80,15 @@ def test_the_draft_is_bought_after_the_regret_reaches_its_price_and_then_holds_t
     assert not lazy.bought
 
 
+def test_the_first_step_after_the_prefill_counts_too(pair):
+    """A batch's first step is timed from the end of its prefill: the text alone shortened nothing there either, so
+    it adds to the regret (it was left out, which bought the draft one plain step late on short prompts)."""
+    gen = lazy_generator(pair, "chain:gamma=3", NEVER)
+    gen.generate([11, 12, 13], max_new_tokens=2)  # the prefill's token, then one step
+    lazy = gen.drafter
+    assert lazy.steps == 1 and lazy.steps_ms > 0 and lazy.regret_ms == lazy.steps_ms
+
+
 def test_buying_counts_as_prefill_time_not_as_a_step(pair, monkeypatch):
     """The engine's clock (faked: it moves only while the draft model is prefilled, by 100 s) puts the purchase in
     prefill time; no step's draft or verify time contains it."""

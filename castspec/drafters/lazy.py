@@ -64,8 +64,8 @@ class LazyDraft(Drafter):
 
     def add_rows(self, prompts: list[list[int]], first_token: torch.Tensor, budget: int = 0,
                  fresh: bool = False) -> None:
-        if fresh:  # a new batch decides afresh
-            self.bought, self.regret_ms, self.last_finish = False, 0.0, None
+        if fresh:  # a new batch decides afresh; its first step is timed from here (right after the prefill)
+            self.bought, self.regret_ms, self.last_finish = False, 0.0, time.perf_counter()
             self.steps, self.steps_ms = 0, 0.0
         self.budget = max(budget, self.budget) if not fresh else budget
         self.suffix.add_rows(prompts, first_token, budget, fresh)
