@@ -275,6 +275,17 @@ def fake_chunk_spec(monkeypatch, tag: str, n: int, size: int) -> None:
     monkeypatch.setitem(BUILTIN_MODELS, "fake-model", spec)
 
 
+def one_chunk_model(monkeypatch, tmp_path, tag: str, data: bytes, record: bool = True, **spec) -> None:
+    """"fake-model" as one installed chunk package holding `data`; `spec` overrides fields of its ModelSpec."""
+    site = tmp_path / "site"
+    make_chunk_package(site, tag, 1, data, record=record)
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    fake_chunk_spec(monkeypatch, tag, 1, len(data))
+    if spec:
+        monkeypatch.setitem(BUILTIN_MODELS, "fake-model", dataclasses.replace(BUILTIN_MODELS["fake-model"], **spec))
+
+
 def test_truncated_chunk_is_reported(home, tmp_path, monkeypatch):
     site = tmp_path / "site"
     good = b"GGUF" + bytes(range(200))
@@ -290,21 +301,13 @@ def test_truncated_chunk_is_reported(home, tmp_path, monkeypatch):
 
 
 def test_chunk_without_gguf_magic_is_reported(home, tmp_path, monkeypatch):
-    site = tmp_path / "site"
-    make_chunk_package(site, "magic", 1, b"NOPE" + bytes(100))
-    monkeypatch.syspath_prepend(str(site))
-    importlib.invalidate_caches()
-    fake_chunk_spec(monkeypatch, "magic", 1, 104)
+    one_chunk_model(monkeypatch, tmp_path, "magic", b"NOPE" + bytes(100))
     with pytest.raises(CastspecError, match="does not start with the GGUF magic"):
         ensure_converted("fake-model")
 
 
 def test_garbage_gguf_is_reported_and_leaves_no_files(home, tmp_path, monkeypatch):
-    site = tmp_path / "site"
-    make_chunk_package(site, "garbage", 1, b"GGUF" + b"\xff" * 300, record=False)  # else transformers would fail
-    monkeypatch.syspath_prepend(str(site))
-    importlib.invalidate_caches()
-    fake_chunk_spec(monkeypatch, "garbage", 1, 304)
+    one_chunk_model(monkeypatch, tmp_path, "garbage", b"GGUF" + b"\xff" * 300, record=False)  # else transformers fails
     with pytest.raises(CastspecError, match="assembled GGUF of model 'fake-model' does not parse"):
         ensure_converted("fake-model")
     left = [p.name for p in (home / "models").iterdir()]
@@ -312,12 +315,7 @@ def test_garbage_gguf_is_reported_and_leaves_no_files(home, tmp_path, monkeypatc
 
 
 def test_too_little_disk_for_the_conversion_is_a_clear_error(home, tmp_path, monkeypatch):
-    site = tmp_path / "site"
-    make_chunk_package(site, "big", 1, b"GGUF" + bytes(100))
-    monkeypatch.syspath_prepend(str(site))
-    importlib.invalidate_caches()
-    fake_chunk_spec(monkeypatch, "big", 1, 104)
-    monkeypatch.setitem(BUILTIN_MODELS, "fake-model", dataclasses.replace(BUILTIN_MODELS["fake-model"], fp32_gb=1e9))
+    one_chunk_model(monkeypatch, tmp_path, "big", b"GGUF" + bytes(100), fp32_gb=1e9)
     with pytest.raises(CastspecError, match=r"converting fake-model needs ~1000000000\.2 GB free in .*CASTSPEC_HOME"):
         ensure_converted("fake-model")
     assert [p.name for p in (home / "models").iterdir()] == [".fake-model.lock"]
