@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "greedy decoding of the target's GGUF by llama.cpp through llama-cpp-python, an optional "
                     "dependency: pip install 'castspec[llamacpp]'; batch 1, greedy only; its output may differ "
                     "from ar's, different arithmetic), llama.cpp-spec:n=N (llama.cpp's own speculative decoding "
-                    "with the draft's GGUF, N draft tokens per step, by its llama-speculative-simple binary), "
+                    "with the draft's GGUF, N draft tokens per step, by its llama-speculative-simple binary; "
+                    "llama.cpp-spec:n=N/type=ngram-simple (or ngram-map-k, ngram-map-k4v): "
+                    "its draft-free speculation instead, no draft model), "
                     "hf-pld (stock generate with prompt lookup, prompt_lookup_num_tokens=10; batch 1), suffix or "
                     "suffix:POLICY (castspec without a draft model: cast, or POLICY, over trees of repeats found in "
                     "the prompt and output), or any --policy spec.",
@@ -190,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", default=f"ar,hf,{DEFAULT_POLICY}",
                        help="comma-separated; separate a method's own parameters with '/' instead of ',' "
                             "(e.g. eagle2:total_tokens=16/depth=4); ar, hf, hf-assisted, hf-pld, llama.cpp, "
-                            "llama.cpp-spec:n=N, suffix[:POLICY], POLICY+suffix or a policy spec")
+                            "llama.cpp-spec:n=N[/type=T], suffix[:POLICY], POLICY+suffix or a policy spec")
     bench.add_argument("--gguf", default=None,
                        help="GGUF file the llama.cpp method decodes (default: the built-in target's own GGUF, "
                             "assembled once into the cache from its packages)")
@@ -389,11 +391,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _check_writable(args.out, "--out")
     if not args.report_only:
         _check_llamacpp(args, methods)
-    datasets = args.dataset or ["humaneval"]
-    prompts = [p for dataset in datasets for p in load_prompts(dataset, args.num_prompts, args.seed)]
     from castspec.api import resolve_draft
 
     draft = resolve_draft(args.target, args.draft)  # "auto" -> a model or "none", recorded as such
+    if not args.report_only:
+        _check_llamacpp_draft(args, methods, draft)
+    datasets = args.dataset or ["humaneval"]
+    prompts = [p for dataset in datasets for p in load_prompts(dataset, args.num_prompts, args.seed)]
     config = BenchConfig(target=args.target, draft=draft, methods=methods, max_new_tokens=args.max_new_tokens,
                          device=args.device, draft_quant=args.draft_quant, target_dtype=args.target_dtype,
                          cost_table=args.cost_table,
@@ -433,7 +437,8 @@ def _bench_methods(text: str) -> list[str]:
 
 
 def _check_llamacpp(args: argparse.Namespace, methods: list[str]) -> None:
-    """The llama.cpp method's needs, checked before anything loads: llama-cpp-python, greedy, a GGUF to decode."""
+    """The llama.cpp methods' needs, checked before anything loads: llama-cpp-python, greedy, a GGUF to decode, and
+    for llama.cpp-spec its binary."""
     from castspec.bench.llamacpp import (
         PLAIN,
         check_llamacpp_settings,
@@ -454,7 +459,20 @@ def _check_llamacpp(args: argparse.Namespace, methods: list[str]) -> None:
     gguf_for(args.target, args.gguf, assemble=False)
     if any(m != PLAIN for m in wanted):
         find_spec_binary(args.llama_speculative)
-        gguf_for(args.draft, args.draft_gguf, assemble=False, role="draft", flag="--draft-gguf")
+
+
+def _check_llamacpp_draft(args: argparse.Namespace, methods: list[str], draft: str | None) -> None:
+    """llama.cpp-spec with a draft model needs one, and its GGUF: `draft` is --draft with "auto" decided."""
+    from castspec.api import NO_DRAFT
+    from castspec.bench.llamacpp import PLAIN, gguf_for, is_llamacpp_method, spec_needs_draft
+
+    drafting = [m for m in methods if is_llamacpp_method(m) and m != PLAIN and spec_needs_draft(m)]
+    if not drafting:
+        return
+    if draft is None or draft == NO_DRAFT:
+        raise CastspecError(f"{drafting[0]} drafts with a draft model, and this run has none (--draft {args.draft}); "
+                            "give --draft MODEL")
+    gguf_for(draft, args.draft_gguf, assemble=False, role="draft", flag="--draft-gguf")
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser, seed: int | None = None,

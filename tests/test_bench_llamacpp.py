@@ -360,6 +360,42 @@ def test_bench_llamacpp_spec(models, fake_llama, fake_binary, capsys, tmp_path):
     assert "| `llama.cpp` |" in report  # both llama.cpp methods side by side
 
 
+def test_bench_llamacpp_spec_draft_free(models, fake_llama, fake_binary, capsys, tmp_path):
+    """type=ngram-*: llama.cpp speculates from the text itself, so it runs beside --draft none and is handed no
+    draft model or draft threads."""
+    target, _, gguf = models
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "bench", "--target", target, "--draft", "none", "--gguf", gguf,
+                       "--llama-speculative", str(fake_binary), "--num-prompts", "1", "--max-new-tokens", "9",
+                       "--methods", "ar,llama.cpp-spec:n=6/type=ngram-simple", "--out", str(out))
+    assert code == 0, err
+    argv = eval((tmp_path / "calls.log").read_text().splitlines()[-1])  # noqa: S307 (our own fake's log)
+    assert argv[argv.index("--spec-type") + 1] == "ngram-simple" and argv[argv.index("--spec-draft-n-max") + 1] == "6"
+    assert argv[argv.index("--spec-ngram-simple-size-m") + 1] == "6"  # its own cap: it ignores the draft max
+    assert "-md" not in argv and "-td" not in argv and "-tbd" not in argv
+    results = json.loads((out / "results.json").read_text())
+    env = results["environment"]["llamacpp_spec"]["llama.cpp-spec:n=6,type=ngram-simple"]
+    assert env["spec_type"] == "ngram-simple" and env["draft_gguf"] is None
+    assert "no draft model: --spec-type ngram-simple" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("method, settings", [
+    ("llama.cpp-spec", (4, "draft-simple")), ("llama.cpp-spec:n=8", (8, "draft-simple")),
+    ("llama.cpp-spec:n=8,type=ngram-simple", (8, "ngram-simple")),
+    ("llama.cpp-spec:type=ngram-map-k", (4, "ngram-map-k")),
+    ("llama.cpp-spec:", None), ("llama.cpp-spec:n=0", None), ("llama.cpp-spec:n=3,k=2", None),
+    ("llama.cpp-spec:type=ngram-mod", None), ("llama.cpp-specs", None),
+])
+def test_llamacpp_spec_settings(method, settings):
+    from castspec.bench.llamacpp import spec_settings
+
+    if settings is None:
+        with pytest.raises(CastspecError, match="bad method"):
+            spec_settings(method)
+    else:
+        assert spec_settings(method) == settings
+
+
 def test_llamacpp_spec_stops_at_eos(models, fake_llama, fake_binary, monkeypatch):
     from castspec.bench.llamacpp import LlamaCppSpec
 
@@ -383,6 +419,8 @@ def test_llamacpp_spec_stops_at_eos(models, fake_llama, fake_binary, monkeypatch
     (["--methods", "ar,llama.cpp-spec", "--llama-speculative", "{binary}"], "--draft {draft} is not a built-in"),
     (["--methods", "ar,llama.cpp-spec", "--llama-speculative", "{binary}", "--draft-gguf", "{tmp}/x.gguf"],
      "--draft-gguf {tmp}/x.gguf: no such file"),
+    (["--methods", "llama.cpp,llama.cpp-spec:n=4", "--llama-speculative", "{binary}", "--draft", "none"],
+     "llama.cpp-spec:n=4 drafts with a draft model, and this run has none (--draft none)"),
 ])
 def test_bad_llamacpp_spec_input(models, fake_llama, fake_binary, monkeypatch, capsys, tmp_path, argv, message):
     target, draft, gguf = models
@@ -392,3 +430,15 @@ def test_bad_llamacpp_spec_input(models, fake_llama, fake_binary, monkeypatch, c
         a.format(**fill) for a in argv]
     code, out, err = run(capsys, *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message.format(**fill) in err, err
+
+
+def test_llamacpp_spec_checks_the_draft_auto_decided(models, fake_llama, fake_binary, monkeypatch, capsys, tmp_path):
+    """--draft auto (the default) is decided before the draft's GGUF is looked for: the check names the model
+    'auto' stands for, not 'auto' (which once failed as "not a built-in model" for the built-in pair)."""
+    import castspec.api
+
+    target, draft, gguf = models
+    monkeypatch.setattr(castspec.api, "resolve_draft", lambda t, d: draft if d == "auto" else d)
+    code, _, err = run(capsys, "bench", "--target", target, "--gguf", gguf, "--out", str(tmp_path / "out"),
+                       "--methods", "ar,llama.cpp-spec", "--llama-speculative", str(fake_binary))
+    assert code == 2 and f"--draft {draft} is not a built-in" in err and "--draft auto" not in err, err

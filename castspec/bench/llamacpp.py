@@ -47,13 +47,36 @@ def is_llamacpp_method(method: str) -> bool:
     return method == PLAIN or method.startswith(SPEC)
 
 
-def spec_draft_max(method: str) -> int:
-    """N of `llama.cpp-spec:n=N` (default 4)."""
-    found = re.fullmatch(re.escape(SPEC) + r"(?::n=(\d+))?", method)
-    if found is None or (found.group(1) is not None and int(found.group(1)) < 1):
-        raise CastspecError(f"bad method {method!r}: write {SPEC}:n=N with N >= 1 draft tokens per step "
-                            f"(e.g. {SPEC}:n=4)")
-    return int(found.group(1) or 4)
+DRAFT_MODEL_TYPE = "draft-simple"  # llama.cpp's --spec-type for draft-model chains
+# llama.cpp's draft-free speculation (candidates from the prompt's and output's own n-grams; docs/speculative.md of
+# its sources): the counterpart of castspec's `suffix` (no draft model) and of transformers' prompt lookup. These
+# three ignore --spec-draft-n-max and propose up to their m-gram size (default 48, past the token budget too), so
+# N is passed as that size. (ngram-mod and ngram-cache have other knobs: not offered.)
+NGRAM_TYPES = ("ngram-simple", "ngram-map-k", "ngram-map-k4v")
+
+
+def spec_settings(method: str) -> tuple[int, str]:
+    """N and the speculation type of `llama.cpp-spec[:n=N][,type=T]` (defaults 4 and draft-simple: chains from the
+    draft model; T one of NGRAM_TYPES drafts from the text itself, without a draft model)."""
+    name, colon, params = method.partition(":")
+    n, kind, ok = 4, DRAFT_MODEL_TYPE, name == SPEC and (params or not colon)
+    for item in params.split(",") if params else []:
+        key, _, value = item.partition("=")
+        if key == "n" and value.isdigit():
+            n = int(value)
+        elif key == "type" and value in (DRAFT_MODEL_TYPE, *NGRAM_TYPES):
+            kind = value
+        else:
+            ok = False
+    if not ok or n < 1:
+        raise CastspecError(f"bad method {method!r}: write {SPEC}:n=N with N >= 1 draft tokens per step (e.g. "
+                            f"{SPEC}:n=4), optionally /type=T for llama.cpp's draft-free speculation, T one of "
+                            f"{', '.join(NGRAM_TYPES)} (e.g. {SPEC}:n=8/type=ngram-simple)")
+    return n, kind
+
+
+def spec_needs_draft(method: str) -> bool:
+    return spec_settings(method)[1] == DRAFT_MODEL_TYPE
 
 
 def find_spec_binary(explicit: str | None) -> str:
@@ -87,7 +110,7 @@ def check_llamacpp_settings(methods: list[str], temperature: float) -> None:
     wanted = [m for m in methods if is_llamacpp_method(m)]
     for method in wanted:
         if method != PLAIN:
-            spec_draft_max(method)
+            spec_settings(method)
     if wanted and temperature > 0:
         raise CastspecError(f"method {wanted[0]} decodes greedily only; drop it or use --temperature 0")
 
@@ -189,10 +212,12 @@ class LlamaCppSpec:
     _TIMES = re.compile(r"(encoded|decoded)\s+(\d+) tokens in\s+([0-9.]+) seconds")
     _STEP = re.compile(r"accepted (\d+)/(\d+) draft tokens, the last target token is: \((\d+)\)")
 
-    def __init__(self, binary: str, target: dict[str, Any], draft: dict[str, Any], threads: int, n_max: int):
+    def __init__(self, binary: str, target: dict[str, Any], draft: dict[str, Any] | None, threads: int, n_max: int,
+                 spec_type: str = DRAFT_MODEL_TYPE):
         import llama_cpp
 
         self.binary, self.target, self.draft, self.threads, self.n_max = binary, target, draft, threads, n_max
+        self.spec_type = spec_type
         self.vocab = llama_cpp.Llama(model_path=target["path"], vocab_only=True, verbose=False)
         try:
             out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
@@ -203,15 +228,17 @@ class LlamaCppSpec:
 
     def describe(self) -> dict[str, Any]:
         return {"binary": self.binary, "version": self.version, "target_gguf": self.target, "draft_gguf": self.draft,
-                "threads": self.threads, "spec_draft_n_max": self.n_max, "spec_type": "draft-simple"}
+                "threads": self.threads, "spec_draft_n_max": self.n_max, "spec_type": self.spec_type}
 
     def command(self, prompt: str, max_new_tokens: int, n_ctx: int) -> list[str]:
         """Its loop stops once it has decoded more than `-n` tokens (a step can take up to n_max + 1 at once), so
         `-n budget-1` stops it at the first step that reaches the budget."""
         t = str(self.threads)
-        return [self.binary, "-m", self.target["path"], "-md", self.draft["path"], "--spec-type", "draft-simple",
+        draft = ["-md", self.draft["path"], "-td", t, "-tbd", t] if self.spec_type == DRAFT_MODEL_TYPE \
+            else [f"--spec-{self.spec_type}-size-m", str(self.n_max)]
+        return [self.binary, "-m", self.target["path"], *draft, "--spec-type", self.spec_type,
                 "--spec-draft-n-max", str(self.n_max), "-n", str(max_new_tokens - 1), "-c", str(n_ctx),
-                "-b", str(max(n_ctx, 2048)), "-t", t, "-tb", t, "-td", t, "-tbd", t, "--temp", "0", "--top-k", "1",
+                "-b", str(max(n_ctx, 2048)), "-t", t, "-tb", t, "--temp", "0", "--top-k", "1",
                 "--seed", "0", "--no-escape", "-lv", "5", "-p", prompt]
 
     def generate(self, ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> dict[str, Any]:

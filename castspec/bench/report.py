@@ -109,10 +109,12 @@ def _llamacpp_note(summary: dict[str, Any], env: dict[str, Any], records: list[d
             continue
         if method != PLAIN:
             spec = (env.get("llamacpp_spec") or {}).get(method) or {}
-            draft = Path((spec.get("draft_gguf") or {}).get("path", "?")).name
+            kind = spec.get("spec_type", "draft-simple")
+            source = f"draft {Path((spec.get('draft_gguf') or {}).get('path', '?')).name}" \
+                if kind == "draft-simple" else f"no draft model: --spec-type {kind}, candidates from the text itself"
             lines.append(
                 f"`{method}`: llama.cpp's own speculative decoding ({Path(spec.get('binary', '?')).name}, "
-                f"{spec.get('version', '?')}; draft {draft}, up to {spec.get('spec_draft_n_max', '?')} draft tokens "
+                f"{spec.get('version', '?')}; {source}, up to {spec.get('spec_draft_n_max', '?')} draft tokens "
                 f"per step, greedy, {spec.get('threads', '?')} threads), one process per prompt, its own timers "
                 f"(model loading left out): {s['tokens_per_s']:.2f} tokens/s end to end, "
                 f"{_num(s.get('decode_tokens_per_s'), 2)} tokens/s decode only, "

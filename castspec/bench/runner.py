@@ -258,7 +258,8 @@ class MethodRunner:
                 LlamaCppSpec,
                 find_spec_binary,
                 gguf_for,
-                spec_draft_max,
+                spec_needs_draft,
+                spec_settings,
             )
 
             threads = torch.get_num_threads()
@@ -273,9 +274,10 @@ class MethodRunner:
             spec_methods = [m for m in config.methods if is_llamacpp_method(m) and m != PLAIN]
             if spec_methods:
                 binary = find_spec_binary(config.llama_speculative)
-                draft_gguf = gguf_for(config.draft, config.draft_gguf, role="draft", flag="--draft-gguf")
-                self.llamacpp_spec = {m: LlamaCppSpec(binary, target_gguf, draft_gguf, threads, spec_draft_max(m))
-                                      for m in spec_methods}
+                draft_gguf = gguf_for(config.draft, config.draft_gguf, role="draft", flag="--draft-gguf") \
+                    if any(spec_needs_draft(m) for m in spec_methods) else None
+                self.llamacpp_spec = {m: LlamaCppSpec(binary, target_gguf, draft_gguf if spec_needs_draft(m) else None,
+                                                      threads, *spec_settings(m)) for m in spec_methods}
 
     def close(self) -> None:
         """Free what is not Python-managed (llama.cpp's model and context)."""
