@@ -215,6 +215,43 @@ def test_the_native_stack_is_bitwise_the_stock_forward_around_native_layers():
         assert torch.equal(fast, stock)
 
 
+def test_a_prefill_computes_only_keys_and_values_in_the_last_layer_for_rows_it_does_not_keep(monkeypatch):
+    """A prefill keeps each sequence's last logits only, so the native stack's last layer attends and runs o_proj and
+    the MLP for those rows alone (`decoder_layer_kept`): the logits and every cached key and value are bitwise those
+    of the full layer, for a padded batch."""
+    from castspec.models import native_layer
+
+    prefixes = [[int(t) for t in torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(length))]
+                for length in (45, 30)]
+    model = q4k_model(seed=4)
+    seen, full_kept_rows = [], native_layer.kept_rows
+
+    def spy(*args):
+        seen.append(full_kept_rows(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(native_layer, "kept_rows", spy)
+    skipping = CausalLMRunner(model)
+    logits = skipping.prefill(prefixes)
+    assert seen[-1].tolist() == [44, 45 + 29]  # flat rows of [2, 45]: each sequence's last position
+    monkeypatch.setattr(native_layer, "kept_rows", lambda *args: None)
+    full = CausalLMRunner(model)
+    assert torch.equal(logits, full.prefill(prefixes))
+    assert torch.equal(skipping.cache.kv, full.cache.kv)
+
+
+@pytest.mark.parametrize("keep, expected", [
+    (torch.tensor([[4], [2]]), [4, 7]), (1, [4, 9]), (2, [3, 4, 8, 9]), (0, None), (5, None),
+    (torch.tensor([[0, 1, 2], [0, 1, 2]]), None),  # more than half of the rows: computing them all costs no more
+    (torch.ones(2, 5, dtype=torch.bool), None),
+])
+def test_kept_rows_reads_logits_to_keep_as_transformers_does(keep, expected):
+    from castspec.models.native_layer import kept_rows
+
+    rows = kept_rows(keep, 2, 5)
+    assert (rows if rows is None else rows.tolist()) == expected
+
+
 def test_native_layers_run_whenever_the_runner_attends_canonically(monkeypatch):
     """Targets (and native drafts) never fall back to the lean path within one cache: mixing would break exactness."""
     from castspec.models.lean import LeanDecoderLayer

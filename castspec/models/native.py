@@ -106,7 +106,8 @@ def _library_or_reason() -> ctypes.CDLL | str:
     library.select_groups.argtypes = [_POINTER, _INT64, _INT64, _INT64, _POINTER, _POINTER, _POINTER]
     library.select_groups.restype = _INT64
     library.decoder_layer.argtypes = [_POINTER] * 5  # (layer spec, step spec, hidden, key cache, value cache)
-    for name in ("quantize_rows", "q4k_matmul", "q6k_matmul", "matmul_groups", "decoder_layer"):
+    library.decoder_layer_kept.argtypes = [_POINTER] * 6 + [_INT64]  # ..., kept row indices, their count
+    for name in ("quantize_rows", "q4k_matmul", "q6k_matmul", "matmul_groups", "decoder_layer", "decoder_layer_kept"):
         getattr(library, name).restype = None
     return library
 

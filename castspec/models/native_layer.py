@@ -157,6 +157,22 @@ def _step(memo: _Memo, layout, cache: TreeKVCache, hidden: torch.Tensor, rope: t
     return memo.value[0], memo.value[1]
 
 
+def kept_rows(logits_to_keep: int | torch.Tensor, batch: int, n: int) -> torch.Tensor | None:
+    """The rows of a [batch * n] forward whose outputs `logits_to_keep` keeps (as `slice_logits_to_keep` reads it),
+    ascending, as int64 on the CPU; None when it keeps them all or too many for skipping the rest to pay (a prefill
+    keeps one row per sequence: its last layer then computes the other rows' keys and values only)."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        if logits_to_keep.ndim != 2 or logits_to_keep.dtype == torch.bool:
+            return None
+        flat = logits_to_keep.cpu() + torch.arange(batch)[:, None] * n
+    elif isinstance(logits_to_keep, int) and 0 < logits_to_keep < n:
+        flat = torch.arange(n - logits_to_keep, n)[None, :] + torch.arange(batch)[:, None] * n
+    else:
+        return None
+    rows = torch.unique(flat.reshape(-1).long())  # sorted
+    return rows.contiguous() if rows.numel() * 2 <= batch * n else None
+
+
 def use_native_layers(model: nn.Module) -> int:
     """Make every supported decoder layer of a q4k model a `NativeDecoderLayer`, in place; returns how many.
     Apply after `use_gguf_linears`."""
@@ -194,17 +210,19 @@ class NativeStack:
         if hidden.dtype != torch.float32 or hidden.device.type != "cpu":
             return None
         hidden = hidden.contiguous()
-        self._run_layers(hidden, inner.rotary_emb(hidden, positions), positions, cache, layout)
+        kept = None if head is not None else kept_rows(logits_to_keep, *tokens.shape)
+        self._run_layers(hidden, inner.rotary_emb(hidden, positions), positions, cache, layout, kept)
         hidden = inner.norm(hidden)
         if head is not None:
             return head(hidden)
         return self.model.lm_head(slice_logits_to_keep(hidden, logits_to_keep))  # the stock forward's own slicing
 
     def _run_layers(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
-                    cache: TreeKVCache, layout) -> None:
+                    cache: TreeKVCache, layout, kept: torch.Tensor | None = None) -> None:
         """Every layer's native call on `hidden`, in place, with the pointers made once per forward (per layer
         they cost ~35 us of Python, ~1 ms per target forward). The layers' weights stay where they are once a
-        runner holds the model (a model whose modules are replaced needs a new runner)."""
+        runner holds the model (a model whose modules are replaced needs a new runner). `kept`: the flat rows
+        whose output is used; the last layer then computes only the other rows' keys and values."""
         first = self.layers[0]
         if self._specs is None:
             self._specs = [ctypes.byref(layer._layer_spec()) for layer in self.layers]
@@ -212,6 +230,11 @@ class NativeStack:
         run, step_ref, state = first._kernels().decoder_layer, ctypes.byref(step), hidden.data_ptr()
         base, size = kv.data_ptr(), kv.element_size()
         layer_bytes, value_offset = kv.stride(0) * size, kv.stride(1) * size
-        for layer, spec in zip(self.layers, self._specs, strict=True):
+        last = len(self.layers) - 1 if kept is not None else len(self.layers)
+        for index, (layer, spec) in enumerate(zip(self.layers, self._specs, strict=True)):
             keys = base + layer.layer_idx * layer_bytes
-            run(spec, step_ref, state, keys, keys + value_offset)
+            if index == last:
+                first._kernels().decoder_layer_kept(spec, step_ref, state, keys, keys + value_offset,
+                                                    kept.data_ptr(), kept.numel())
+            else:
+                run(spec, step_ref, state, keys, keys + value_offset)
