@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "dependency: pip install 'castspec[llamacpp]'; batch 1, greedy only; its output may differ "
                     "from ar's, different arithmetic), llama.cpp-spec:n=N (llama.cpp's own speculative decoding "
                     "with the draft's GGUF, N draft tokens per step, by its llama-speculative-simple binary; "
-                    "llama.cpp-spec:n=N/type=ngram-simple (or ngram-map-k, ngram-map-k4v): "
-                    "its draft-free speculation instead, no draft model), "
+                    "llama.cpp-spec:n=N/type=ngram-simple (or ngram-map-k, ngram-map-k4v; /key=K: look up the "
+                    "last K tokens): its draft-free speculation instead, no draft model), "
                     "hf-pld (stock generate with prompt lookup, prompt_lookup_num_tokens=10; batch 1), suffix or "
                     "suffix:POLICY (castspec without a draft model: cast, or POLICY, over trees of repeats found in "
                     "the prompt and output), or any --policy spec.",
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", default=f"ar,hf,{DEFAULT_POLICY}",
                        help="comma-separated; separate a method's own parameters with '/' instead of ',' "
                             "(e.g. eagle2:total_tokens=16/depth=4); ar, hf, hf-assisted, hf-pld, llama.cpp, "
-                            "llama.cpp-spec:n=N[/type=T], suffix[:POLICY], POLICY+suffix or a policy spec")
+                            "llama.cpp-spec:n=N[/type=T[/key=K]], suffix[:POLICY], POLICY+suffix or a policy spec")
     bench.add_argument("--gguf", default=None,
                        help="GGUF file the llama.cpp method decodes (default: the built-in target's own GGUF, "
                             "assembled once into the cache from its packages)")

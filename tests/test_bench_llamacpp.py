@@ -367,24 +367,27 @@ def test_bench_llamacpp_spec_draft_free(models, fake_llama, fake_binary, capsys,
     out = tmp_path / "out"
     code, _, err = run(capsys, "bench", "--target", target, "--draft", "none", "--gguf", gguf,
                        "--llama-speculative", str(fake_binary), "--num-prompts", "1", "--max-new-tokens", "9",
-                       "--methods", "ar,llama.cpp-spec:n=6/type=ngram-simple", "--out", str(out))
+                       "--methods", "ar,llama.cpp-spec:n=6/type=ngram-simple/key=3", "--out", str(out))
     assert code == 0, err
     argv = eval((tmp_path / "calls.log").read_text().splitlines()[-1])  # noqa: S307 (our own fake's log)
     assert argv[argv.index("--spec-type") + 1] == "ngram-simple" and argv[argv.index("--spec-draft-n-max") + 1] == "6"
     assert argv[argv.index("--spec-ngram-simple-size-m") + 1] == "6"  # its own cap: it ignores the draft max
+    assert argv[argv.index("--spec-ngram-simple-size-n") + 1] == "3"
     assert "-md" not in argv and "-td" not in argv and "-tbd" not in argv
     results = json.loads((out / "results.json").read_text())
-    env = results["environment"]["llamacpp_spec"]["llama.cpp-spec:n=6,type=ngram-simple"]
-    assert env["spec_type"] == "ngram-simple" and env["draft_gguf"] is None
-    assert "no draft model: --spec-type ngram-simple" in (out / "results.md").read_text()
+    env = results["environment"]["llamacpp_spec"]["llama.cpp-spec:n=6,type=ngram-simple,key=3"]
+    assert env["spec_type"] == "ngram-simple" and env["draft_gguf"] is None and env["ngram_key"] == 3
+    assert "no draft model: --spec-type ngram-simple, candidates from the text itself, key of 3 tokens" in (
+        out / "results.md").read_text()
 
 
 @pytest.mark.parametrize("method, settings", [
-    ("llama.cpp-spec", (4, "draft-simple")), ("llama.cpp-spec:n=8", (8, "draft-simple")),
-    ("llama.cpp-spec:n=8,type=ngram-simple", (8, "ngram-simple")),
-    ("llama.cpp-spec:type=ngram-map-k", (4, "ngram-map-k")),
+    ("llama.cpp-spec", (4, "draft-simple", None)), ("llama.cpp-spec:n=8", (8, "draft-simple", None)),
+    ("llama.cpp-spec:n=8,type=ngram-simple", (8, "ngram-simple", None)),
+    ("llama.cpp-spec:type=ngram-map-k,key=3", (4, "ngram-map-k", 3)),
     ("llama.cpp-spec:", None), ("llama.cpp-spec:n=0", None), ("llama.cpp-spec:n=3,k=2", None),
-    ("llama.cpp-spec:type=ngram-mod", None), ("llama.cpp-specs", None),
+    ("llama.cpp-spec:type=ngram-mod", None), ("llama.cpp-specs", None), ("llama.cpp-spec:n=4,key=3", None),
+    ("llama.cpp-spec:type=ngram-simple,key=0", None),
 ])
 def test_llamacpp_spec_settings(method, settings):
     from castspec.bench.llamacpp import spec_settings

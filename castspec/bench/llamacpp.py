@@ -55,24 +55,28 @@ DRAFT_MODEL_TYPE = "draft-simple"  # llama.cpp's --spec-type for draft-model cha
 NGRAM_TYPES = ("ngram-simple", "ngram-map-k", "ngram-map-k4v")
 
 
-def spec_settings(method: str) -> tuple[int, str]:
-    """N and the speculation type of `llama.cpp-spec[:n=N][,type=T]` (defaults 4 and draft-simple: chains from the
-    draft model; T one of NGRAM_TYPES drafts from the text itself, without a draft model)."""
+def spec_settings(method: str) -> tuple[int, str, int | None]:
+    """N, the speculation type and the n-gram key length of `llama.cpp-spec[:n=N][,type=T][,key=K]` (defaults 4,
+    draft-simple: chains from the draft model, and llama.cpp's own key length; T one of NGRAM_TYPES drafts from the
+    text itself, without a draft model, looking up the last K tokens)."""
     name, colon, params = method.partition(":")
-    n, kind, ok = 4, DRAFT_MODEL_TYPE, name == SPEC and (params or not colon)
+    n, kind, ngram_key, ok = 4, DRAFT_MODEL_TYPE, None, name == SPEC and (params or not colon)
     for item in params.split(",") if params else []:
         key, _, value = item.partition("=")
         if key == "n" and value.isdigit():
             n = int(value)
         elif key == "type" and value in (DRAFT_MODEL_TYPE, *NGRAM_TYPES):
             kind = value
+        elif key == "key" and value.isdigit() and int(value) >= 1:
+            ngram_key = int(value)
         else:
             ok = False
-    if not ok or n < 1:
+    if not ok or n < 1 or (ngram_key is not None and kind == DRAFT_MODEL_TYPE):
         raise CastspecError(f"bad method {method!r}: write {SPEC}:n=N with N >= 1 draft tokens per step (e.g. "
                             f"{SPEC}:n=4), optionally /type=T for llama.cpp's draft-free speculation, T one of "
-                            f"{', '.join(NGRAM_TYPES)} (e.g. {SPEC}:n=8/type=ngram-simple)")
-    return n, kind
+                            f"{', '.join(NGRAM_TYPES)}, and with it /key=K to look up the last K tokens (e.g. "
+                            f"{SPEC}:n=8/type=ngram-simple/key=3)")
+    return n, kind, ngram_key
 
 
 def spec_needs_draft(method: str) -> bool:
@@ -213,11 +217,11 @@ class LlamaCppSpec:
     _STEP = re.compile(r"accepted (\d+)/(\d+) draft tokens, the last target token is: \((\d+)\)")
 
     def __init__(self, binary: str, target: dict[str, Any], draft: dict[str, Any] | None, threads: int, n_max: int,
-                 spec_type: str = DRAFT_MODEL_TYPE):
+                 spec_type: str = DRAFT_MODEL_TYPE, ngram_key: int | None = None):
         import llama_cpp
 
         self.binary, self.target, self.draft, self.threads, self.n_max = binary, target, draft, threads, n_max
-        self.spec_type = spec_type
+        self.spec_type, self.ngram_key = spec_type, ngram_key
         self.vocab = llama_cpp.Llama(model_path=target["path"], vocab_only=True, verbose=False)
         try:
             out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
@@ -228,7 +232,8 @@ class LlamaCppSpec:
 
     def describe(self) -> dict[str, Any]:
         return {"binary": self.binary, "version": self.version, "target_gguf": self.target, "draft_gguf": self.draft,
-                "threads": self.threads, "spec_draft_n_max": self.n_max, "spec_type": self.spec_type}
+                "threads": self.threads, "spec_draft_n_max": self.n_max, "spec_type": self.spec_type,
+                "ngram_key": self.ngram_key}
 
     def command(self, prompt: str, max_new_tokens: int, n_ctx: int) -> list[str]:
         """Its loop stops once it has decoded more than `-n` tokens (a step can take up to n_max + 1 at once), so
@@ -236,6 +241,8 @@ class LlamaCppSpec:
         t = str(self.threads)
         draft = ["-md", self.draft["path"], "-td", t, "-tbd", t] if self.spec_type == DRAFT_MODEL_TYPE \
             else [f"--spec-{self.spec_type}-size-m", str(self.n_max)]
+        if self.ngram_key is not None:
+            draft += [f"--spec-{self.spec_type}-size-n", str(self.ngram_key)]
         return [self.binary, "-m", self.target["path"], *draft, "--spec-type", self.spec_type,
                 "--spec-draft-n-max", str(self.n_max), "-n", str(max_new_tokens - 1), "-c", str(n_ctx),
                 "-b", str(max(n_ctx, 2048)), "-t", t, "-tb", t, "--temp", "0", "--top-k", "1",

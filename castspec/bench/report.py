@@ -110,8 +110,10 @@ def _llamacpp_note(summary: dict[str, Any], env: dict[str, Any], records: list[d
         if method != PLAIN:
             spec = (env.get("llamacpp_spec") or {}).get(method) or {}
             kind = spec.get("spec_type", "draft-simple")
+            key = f", key of {spec['ngram_key']} tokens" if spec.get("ngram_key") else ""
+            free = f"no draft model: --spec-type {kind}, candidates from the text itself{key}"
             source = f"draft {Path((spec.get('draft_gguf') or {}).get('path', '?')).name}" \
-                if kind == "draft-simple" else f"no draft model: --spec-type {kind}, candidates from the text itself"
+                if kind == "draft-simple" else free
             lines.append(
                 f"`{method}`: llama.cpp's own speculative decoding ({Path(spec.get('binary', '?')).name}, "
                 f"{spec.get('version', '?')}; {source}, up to {spec.get('spec_draft_n_max', '?')} draft tokens "
