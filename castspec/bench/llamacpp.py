@@ -60,7 +60,7 @@ def spec_settings(method: str) -> tuple[int, str, int | None]:
     draft-simple: chains from the draft model, and llama.cpp's own key length; T one of NGRAM_TYPES drafts from the
     text itself, without a draft model, looking up the last K tokens)."""
     name, colon, params = method.partition(":")
-    n, kind, ngram_key, ok = 4, DRAFT_MODEL_TYPE, None, name == SPEC and (params or not colon)
+    n, kind, ngram_key, ok = 4, DRAFT_MODEL_TYPE, None, name == SPEC and (bool(params) or not colon)
     for item in params.split(",") if params else []:
         key, _, value = item.partition("=")
         if key == "n" and value.isdigit():

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from castspec.bench.llamacpp import DIFFERENT_ARITHMETIC, PLAIN, is_llamacpp_method
+from castspec.bench.llamacpp import DIFFERENT_ARITHMETIC, DRAFT_MODEL_TYPE, PLAIN, is_llamacpp_method
 
 BASELINES = ("ar", "hf", "hf-assisted", "hf-pld", "llama.cpp")
 
@@ -109,11 +109,11 @@ def _llamacpp_note(summary: dict[str, Any], env: dict[str, Any], records: list[d
             continue
         if method != PLAIN:
             spec = (env.get("llamacpp_spec") or {}).get(method) or {}
-            kind = spec.get("spec_type", "draft-simple")
+            kind = spec.get("spec_type", DRAFT_MODEL_TYPE)
             key = f", key of {spec['ngram_key']} tokens" if spec.get("ngram_key") else ""
             free = f"no draft model: --spec-type {kind}, candidates from the text itself{key}"
             source = f"draft {Path((spec.get('draft_gguf') or {}).get('path', '?')).name}" \
-                if kind == "draft-simple" else free
+                if kind == DRAFT_MODEL_TYPE else free
             lines.append(
                 f"`{method}`: llama.cpp's own speculative decoding ({Path(spec.get('binary', '?')).name}, "
                 f"{spec.get('version', '?')}; {source}, up to {spec.get('spec_draft_n_max', '?')} draft tokens "

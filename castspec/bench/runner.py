@@ -254,11 +254,11 @@ class MethodRunner:
         self.llamacpp_spec: dict[str, Any] = {}
         if any(is_llamacpp_method(m) for m in config.methods):
             from castspec.bench.llamacpp import (
+                DRAFT_MODEL_TYPE,
                 LlamaCppPlain,
                 LlamaCppSpec,
                 find_spec_binary,
                 gguf_for,
-                spec_needs_draft,
                 spec_settings,
             )
 
@@ -274,10 +274,12 @@ class MethodRunner:
             spec_methods = [m for m in config.methods if is_llamacpp_method(m) and m != PLAIN]
             if spec_methods:
                 binary = find_spec_binary(config.llama_speculative)
+                settings = {m: spec_settings(m) for m in spec_methods}  # (N, type, key)
+                drafting = {m for m, (_, kind, _) in settings.items() if kind == DRAFT_MODEL_TYPE}
                 draft_gguf = gguf_for(config.draft, config.draft_gguf, role="draft", flag="--draft-gguf") \
-                    if any(spec_needs_draft(m) for m in spec_methods) else None
-                self.llamacpp_spec = {m: LlamaCppSpec(binary, target_gguf, draft_gguf if spec_needs_draft(m) else None,
-                                                      threads, *spec_settings(m)) for m in spec_methods}
+                    if drafting else None
+                self.llamacpp_spec = {m: LlamaCppSpec(binary, target_gguf, draft_gguf if m in drafting else None,
+                                                      threads, *settings[m]) for m in spec_methods}
 
     def close(self) -> None:
         """Free what is not Python-managed (llama.cpp's model and context)."""

@@ -160,7 +160,7 @@ def _step(memo: _Memo, layout, cache: TreeKVCache, hidden: torch.Tensor, rope: t
 def kept_rows(logits_to_keep: int | torch.Tensor, batch: int, n: int) -> torch.Tensor | None:
     """The rows of a [batch * n] forward whose outputs `logits_to_keep` keeps (as `slice_logits_to_keep` reads it),
     ascending, as int64 on the CPU; None when it keeps them all or too many for skipping the rest to pay (a prefill
-    keeps one row per sequence: its last layer then computes the other rows' keys and values only)."""
+    keeps one row per sequence: its last layer then projects the other rows' q, k and v only)."""
     if isinstance(logits_to_keep, torch.Tensor):
         if logits_to_keep.ndim != 2 or logits_to_keep.dtype == torch.bool:
             return None
@@ -222,7 +222,7 @@ class NativeStack:
         """Every layer's native call on `hidden`, in place, with the pointers made once per forward (per layer
         they cost ~35 us of Python, ~1 ms per target forward). The layers' weights stay where they are once a
         runner holds the model (a model whose modules are replaced needs a new runner). `kept`: the flat rows
-        whose output is used; the last layer then computes only the other rows' keys and values."""
+        whose output is used; the last layer then projects only q, k and v of the other rows."""
         first = self.layers[0]
         if self._specs is None:
             self._specs = [ctypes.byref(layer._layer_spec()) for layer in self.layers]
@@ -230,10 +230,10 @@ class NativeStack:
         run, step_ref, state = first._kernels().decoder_layer, ctypes.byref(step), hidden.data_ptr()
         base, size = kv.data_ptr(), kv.element_size()
         layer_bytes, value_offset = kv.stride(0) * size, kv.stride(1) * size
-        last = len(self.layers) - 1 if kept is not None else len(self.layers)
-        for index, (layer, spec) in enumerate(zip(self.layers, self._specs, strict=True)):
+        kept_layer = self.layers[-1] if kept is not None else None
+        for layer, spec in zip(self.layers, self._specs, strict=True):
             keys = base + layer.layer_idx * layer_bytes
-            if index == last:
+            if layer is kept_layer:
                 first._kernels().decoder_layer_kept(spec, step_ref, state, keys, keys + value_offset,
                                                     kept.data_ptr(), kept.numel())
             else:
