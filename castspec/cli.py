@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "method (hf-assisted and llama.cpp: batch 1 only)")
     bench.add_argument("--resume", action="store_true",
                        help="continue an interrupted run in --out (same settings): measured prompts are kept")
+    bench.add_argument("--no-prefix-reuse", dest="reuse_prefix", action="store_false",
+                       help="prefill every turn of a conversation whole; by default a later turn (MT-bench) runs only "
+                            "what it adds to the caches of the turns before, in castspec's methods and llama.cpp's, "
+                            "as their servers do. Different prompts and methods never share a prefix either way")
     bench.add_argument("--report-only", action="store_true",
                        help="re-render results.json/.md and plots in --out from its records.jsonl (same settings "
                             "as the run), without loading models or measuring; works on a run still in progress")
@@ -403,7 +407,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          cost_table=args.cost_table,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          batch_sizes=batch_sizes, datasets=datasets, num_prompts=args.num_prompts, gguf=args.gguf,
-                         draft_gguf=args.draft_gguf, llama_speculative=args.llama_speculative)
+                         draft_gguf=args.draft_gguf, llama_speculative=args.llama_speculative,
+                         reuse_prefix=args.reuse_prefix)
     command = "castspec " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--report-only")
     if args.report_only:
         previous = args.out / "results.json"
@@ -516,6 +521,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.batch_size > 1:
         return _generate_batches(args, gen, prompts, sampling)
     gen.generate(prompt, max_new_tokens=2, chat=args.chat)  # warm-up: first-call allocations are not speed
+    gen.forget_prefix()  # the measured call prefills its prompt whole, as a first request would
     streamer = None if args.json else _streamer(gen.tokenizer, sampling["stop"])
     result = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, on_tokens=streamer, **sampling)
     if streamer is not None:
@@ -558,6 +564,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_batch_size=args.max_batch_size, draft_vocab=args.draft_vocab, suffix=args.suffix,
                          draft_window=args.draft_window, suffix_cache=args.suffix_cache, lazy_draft=args.lazy_draft)
     gen.generate(gen.encode("Hello"), max_new_tokens=2)  # warm-up: first-call allocations are not a request's time
+    gen.forget_prefix()
     serve(gen, args.target, args.host, args.port, args.max_batch_size, args.max_queue, args.shutdown_timeout)
     return 0
 
@@ -609,6 +616,7 @@ def _compare_with_ar(args: argparse.Namespace, gen, prompt: str, result, samplin
     from castspec.policies import make_policy
 
     gen.policy = make_policy("ar")
+    gen.forget_prefix()  # the baseline prefills the prompt whole too
     baseline = gen.generate(prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, **sampling)
     out["ar"] = {"stats": baseline.stats.as_dict(per_step=False), "identical": baseline.token_ids == result.token_ids}
     out["speedup_vs_ar"] = round(baseline.stats.wall_s / result.stats.wall_s, 3)

@@ -44,6 +44,13 @@ class DraftLM(Drafter):
         """What of each prompt the draft is prefilled on (all of it, or its last `window` tokens)."""
         return [list(p[-self.window:]) for p in prompts] if self.window > 0 else prompts
 
+    def prefill_tokens(self, prompts: list[list[int]]) -> list[int]:
+        """How many tokens of each prompt a prefill would run (the runner reuses a kept prefix for one prompt)."""
+        seen = self.seen_part(prompts)
+        if len(seen) == 1:
+            return [len(seen[0]) - self.runner.reusable(seen[0])]
+        return [len(p) for p in seen]
+
     def prefill(self, prompts: list[list[int]], first_token: torch.Tensor, budget: int = 0) -> None:
         self.runner.prefill(self.seen_part(prompts), budget)
         self.pending = first_token[:, None]

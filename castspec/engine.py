@@ -222,6 +222,24 @@ class SpeculativeGenerator:
         profiling, reports and kernel descriptions; callers need not know how the engine wraps them)."""
         return {role: runtime.model for role, runtime in self.runtimes.items()}
 
+    @property
+    def reuse_prefix(self) -> bool:
+        """Whether a one-prompt prefill reuses the models' caches of the last sequence that ended (the start they
+        share: the next turn of a conversation, a common system prompt); `castspec.models.runner`. On by default."""
+        return self.target.reuse_prefix
+
+    @reuse_prefix.setter
+    def reuse_prefix(self, on: bool) -> None:
+        for runtime in self.runtimes.values():
+            runtime.runner.reuse_prefix = bool(on)
+            runtime.runner.kept = None if not on else runtime.runner.kept
+
+    def forget_prefix(self) -> None:
+        """Drop what the models kept of the last sequence: the next prompt is prefilled whole (a warm-up's prompt,
+        or another method's run of the same prompt, must not shorten a measured prefill)."""
+        for runtime in self.runtimes.values():
+            runtime.runner.kept = None
+
     def generate(self, prompt: str | list[int] | torch.Tensor, max_new_tokens: int = 128, chat: bool = False,
                  on_tokens: Callable[[list[int]], None] | None = None, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()) -> GenerationResult:
@@ -370,7 +388,8 @@ class SpeculativeGenerator:
         live = len(state.rows)
         t0 = time.perf_counter()
         logits = self.target.add_rows(prompts, max(max_new_tokens), fresh=fresh)  # [n, V]: each last position
-        self.target_prefill_ms_per_token = 1000 * (time.perf_counter() - t0) / max(sum(map(len, prompts)), 1)
+        ran = max(self.target.prefilled_tokens, 1)  # tokens a kept prefix did not hold (runner.prefill)
+        self.target_prefill_ms_per_token = 1000 * (time.perf_counter() - t0) / ran
         try:
             first = state.choose(logits[:, None], torch.zeros(len(keys), 1, dtype=torch.long, device=logits.device),
                                  keys)[:, 0]

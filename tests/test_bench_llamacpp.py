@@ -38,6 +38,8 @@ class FakeLlama:
         self.tokens: list[int] = []
         self.prompts: list[list[int]] = []
         self.evals = 0
+        self.prompt_evals: list[int] = []  # tokens each prompt ran (a reused prefix not counted)
+        self._fresh = True
         self.closed = False
         self.ctx = self
         self._prompt_len = 0
@@ -54,11 +56,23 @@ class FakeLlama:
 
     def reset(self):
         self.tokens = []
+        self._fresh = True
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @n_tokens.setter
+    def n_tokens(self, keep: int) -> None:  # as llama.cpp's: the next eval drops the cache past `keep`
+        self.tokens = self.tokens[:keep]
+        self._fresh = True
 
     def eval(self, tokens):
-        if not self.tokens:
-            self.prompts.append(list(tokens))
-            self._prompt_len = len(tokens)
+        if self._fresh:  # a prompt: what the cache kept plus these
+            self.prompts.append(self.tokens + list(tokens))
+            self._prompt_len = len(self.prompts[-1])
+            self.prompt_evals.append(len(tokens))
+            self._fresh = False
         self.tokens += list(tokens)
         self.evals += 1
         with torch.no_grad():
@@ -205,6 +219,21 @@ def test_llamacpp_stops_at_eos_and_budget(models, fake_llama, monkeypatch):
     assert fake_llama.instances[0].closed and len(fake_llama.instances) == 2
     runner.close()
     assert fake_llama.instances[1].closed
+
+
+def test_llamacpp_runs_only_what_a_prompt_adds_to_its_cache(models, fake_llama):
+    """As llama-cpp-python's own `generate`: a prompt that starts with the tokens of the last call (its prompt and
+    the tokens it fed back) runs only the rest, and decodes as it would from scratch."""
+    runner = LlamaCppPlain({"path": models[2]}, threads=1)
+    first = runner.generate([5, 6, 7, 8], max_new_tokens=4, eos_ids=set())["token_ids"][0]
+    follow_up = [5, 6, 7, 8] + first + [9, 10]
+    again = runner.generate(follow_up, max_new_tokens=4, eos_ids=set())["token_ids"][0]
+    llm = fake_llama.instances[0]
+    assert llm.prompt_evals == [4, 3] and llm.prompts[-1] == follow_up  # the last answer token, then 9 and 10
+    runner.reuse_prefix = False
+    assert runner.generate(follow_up, max_new_tokens=4, eos_ids=set())["token_ids"][0] == again
+    assert llm.prompt_evals[-1] == len(follow_up)
+    runner.close()
 
 
 BENCH = ["bench", "--target", "{target}", "--out", "{tmp}/out", "--max-new-tokens", "4"]

@@ -151,3 +151,16 @@ def test_stop_strings_cut_the_text_and_end_only_their_row(tmp_path):
     assert len(stopped[0].token_ids) < len(free[0].token_ids)
     assert stopped[1].token_ids == free[1].token_ids or stop in free[1].text
     assert gen.generate(prompts[0], max_new_tokens=24, stop=[stop]).text == free[0].text[:cut]
+
+
+def test_the_next_turn_prefills_only_what_it_adds_and_decodes_as_plain_decoding_does():
+    """A follow-up prompt (the last prompt, its answer, a new message) reuses both models' caches of the last
+    sequence; the output is still exactly the target's greedy decoding."""
+    target, draft = pair()
+    gen = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy="chain:gamma=3")
+    first = gen.generate(PROMPT, max_new_tokens=12).token_ids
+    follow_up = PROMPT + first + [7, 9, 11]
+    out = gen.generate(follow_up, max_new_tokens=12)
+    assert out.token_ids == reference_greedy(target, follow_up, 12)
+    assert gen.target.prefilled_tokens == 4  # the answer's last token and the new message: the cache held the rest
+    assert gen.drafter.runner.prefilled_tokens <= 5

@@ -339,3 +339,64 @@ def test_a_long_prefill_read_causally_equals_decoding(make_model):
     short = CausalLMRunner(model)
     short.prefill([prompt[:100]])
     assert torch.equal(runner.cache.kv[..., :100, :], short.cache.kv[..., :100, :])
+
+
+def tree_commit(runner: CausalLMRunner, root: int, kept: int, rejected: int) -> None:
+    """One step as the engine takes it: root plus two sibling children verified, the second child accepted."""
+    runner.begin_block()
+    mask = torch.tensor([[[True, False, False], [True, True, False], [True, False, True]]])
+    positions = runner.next_pos[:, None] + torch.tensor([[0, 1, 1]])
+    runner.forward(torch.tensor([[root, rejected, kept]]), positions, mask)
+    runner.commit(torch.tensor([[0, 2]]), torch.tensor([2]))
+
+
+@pytest.mark.parametrize("make_model", [int8_model, q4k_model, q4k_lean_model, fast_fp32_model],
+                         ids=["int8", "q4k", "q4k-lean", "fp32-onednn"])
+def test_a_prompt_that_extends_the_kept_prefix_runs_only_the_rest_and_gets_the_same_bits(make_model):
+    """The next turn of a conversation: its prompt starts with the last sequence's prompt and accepted tokens. The
+    runner runs only the tokens after them, and the last logits and every cached key and value equal, bitwise, a
+    fresh prefill of the whole prompt (the reused ones came from a prefill and from a tree with a rejected node)."""
+    model = make_model(seed=8, hidden=256)
+    generator = torch.Generator().manual_seed(3)
+    first = [int(t) for t in torch.randint(3, VOCAB, (70,), generator=generator)]
+    runner = CausalLMRunner(model)
+    runner.prefill([first], budget=16)
+    tree_commit(runner, root=11, kept=12, rejected=13)
+    runner.keep_rows([])  # the sequence is done
+    later = first + [11, 12] + [int(t) for t in torch.randint(3, VOCAB, (25,), generator=generator)]
+    last = runner.prefill([later])
+    assert runner.prefilled_tokens == 25
+    fresh = CausalLMRunner(model)
+    assert torch.equal(last, fresh.prefill([later]))
+    assert fresh.prefilled_tokens == len(later)
+    assert torch.equal(runner.cache.kv[..., :len(later), :], fresh.cache.kv[..., :len(later), :])
+    assert runner.cache.ids[0, :len(later)].tolist() == later
+
+
+def test_the_kept_prefix_ends_where_the_prompts_differ_and_never_covers_the_last_token():
+    model = int8_model(seed=9)
+    runner = CausalLMRunner(model)
+    prompt = list(range(3, 40))
+    runner.prefill([prompt])
+    other = prompt[:20] + [50, 51]
+    reference = CausalLMRunner(model).prefill([other])
+    assert torch.equal(runner.prefill([other]), reference) and runner.prefilled_tokens == 2
+    assert torch.equal(runner.prefill([other]), reference) and runner.prefilled_tokens == 1  # the same prompt again
+    runner.reuse_prefix = False
+    assert torch.equal(runner.prefill([other]), reference) and runner.prefilled_tokens == len(other)
+
+
+def test_a_row_that_leaves_a_live_batch_is_kept_as_a_copy():
+    """Rows leave a live batch while others go on writing the same buffer: the kept prefix must not see that."""
+    model = q4k_model(seed=10)
+    generator = torch.Generator().manual_seed(4)
+    prompts = [[int(t) for t in torch.randint(3, VOCAB, (n,), generator=generator)] for n in (30, 45)]
+    runner = CausalLMRunner(model)
+    runner.prefill(prompts, budget=8)
+    runner.keep_rows([0])  # the longer row (45 tokens) leaves; row 0 moves nowhere, row 1's slots are reused below
+    for token in (20, 21, 22):
+        tree_commit(runner, root=token, kept=token + 10, rejected=token + 20)
+    later = prompts[1] + [7, 8, 9]
+    last = runner.add_rows([later])
+    assert runner.prefilled_tokens == 3
+    assert torch.equal(last[0], CausalLMRunner(model).prefill([later])[0])

@@ -152,6 +152,9 @@ class LlamaCppPlain:
         self.lib = llama_cpp
         self.gguf, self.threads = gguf, threads
         self.llm = None
+        self.reuse_prefix = True  # as llama-cpp-python's own `generate` (and castspec's runner) do
+        self.evaluated: list[int] = []  # the tokens in llama.cpp's cache, in order
+        self.prefilled_tokens = 0
         self._load(max(n_ctx, _CTX_STEP))
 
     def _load(self, n_ctx: int) -> None:
@@ -162,6 +165,7 @@ class LlamaCppPlain:
                                   n_threads_batch=self.threads, flash_attn=True, logits_all=False, verbose=False)
         self.n_ctx = n_ctx
         self.n_vocab = int(self.llm.n_vocab())
+        self.evaluated = []
 
     def describe(self) -> dict[str, Any]:
         info = {"llama_cpp_python": getattr(self.lib, "__version__", "?"), "gguf": self.gguf,
@@ -187,8 +191,7 @@ class LlamaCppPlain:
         load_1m, others = os.getloadavg()[0], busy_cores()
         llm = self.llm
         start = time.perf_counter()
-        llm.reset()
-        llm.eval(ids)
+        self._start_from(ids)
         token = self._argmax()
         tokens = [token]
         prefill_end = time.perf_counter()
@@ -197,11 +200,33 @@ class LlamaCppPlain:
             token = self._argmax()
             tokens.append(token)
         end = time.perf_counter()
+        self.evaluated = list(ids) + tokens[:-1]
         steps = len(tokens) - 1  # one forward per token after the first, which the prefill gave
         return {"token_ids": [tokens], "new_tokens": len(tokens), "steps": steps,
                 "prefill_s": prefill_end - start, "draft_s": 0.0, "verify_s": end - prefill_end,
                 "wall_s": end - start, "accepted": [0] * steps, "depths": [0] * steps, "verified": [0] * steps,
                 "load_1m": [round(load_1m, 2)], "busy_cores": [others]}  # lists: one entry per turn
+
+    def forget_prefix(self) -> None:
+        """The next prompt runs whole."""
+        self.evaluated = []
+
+    def _start_from(self, ids: list[int]) -> None:
+        """Run the prompt: only what follows the tokens llama.cpp's cache already holds (never the last one, whose
+        logits are needed), as llama-cpp-python's `Llama.generate` does; `eval` drops the cache past `n_tokens`."""
+        keep = 0
+        if self.reuse_prefix:
+            for cached, token in zip(self.evaluated, ids[:-1], strict=False):
+                if cached != token:
+                    break
+                keep += 1
+        self.evaluated = []  # until this call completes
+        if keep:
+            self.llm.n_tokens = keep
+        else:
+            self.llm.reset()
+        self.llm.eval(ids[keep:])
+        self.prefilled_tokens = len(ids) - keep
 
     def close(self) -> None:
         if self.llm is not None:

@@ -127,6 +127,7 @@ class BenchConfig:
     gguf: str | None = None  # the llama.cpp methods' GGUF of the target (default: the built-in target's own)
     draft_gguf: str | None = None  # llama.cpp-spec's draft GGUF (default: the built-in draft's own)
     llama_speculative: str | None = None  # llama.cpp-spec's binary (not part of the fingerprint: a tool's path)
+    reuse_prefix: bool = True  # a conversation's later turns prefill only what they add (castspec and llama.cpp)
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a resumed run to continue the same measurement."""
@@ -139,6 +140,8 @@ class BenchConfig:
             out["gguf"] = self.gguf
         if self.draft_gguf:
             out["draft_gguf"] = self.draft_gguf
+        if not self.reuse_prefix:  # records from before prefixes were reused prefilled every turn whole
+            out["reuse_prefix"] = False
         return out
 
 
@@ -293,8 +296,20 @@ class MethodRunner:
     def encode(self, prompt: Prompt, history: list[dict[str, str]] | None = None) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, history)
 
+    def forget_prefixes(self) -> None:
+        """Every method starts a prompt from empty caches: the models' runtimes are shared, and another method's
+        run (or the warm-up) of the same prompt must not shorten its prefill. Later turns of one conversation do
+        reuse their own earlier turns, in castspec's methods and llama.cpp's alike (`BenchConfig.reuse_prefix`)."""
+        for generator in self.generators.values():
+            generator.forget_prefix()
+            generator.reuse_prefix = self.config.reuse_prefix
+        if self.llamacpp is not None:
+            self.llamacpp.forget_prefix()
+            self.llamacpp.reuse_prefix = self.config.reuse_prefix
+
     def run_group(self, method: str, prompts: list[Prompt], max_new_tokens: int) -> dict[str, Any]:
         """Every turn of every prompt; a conversation's later turns see this method's own earlier answers."""
+        self.forget_prefixes()
         histories: list[list[dict[str, str]]] = [[] for _ in prompts]
         total: dict[str, Any] = {"token_ids": [[] for _ in prompts], "turn_tokens": [[] for _ in prompts],
                                  "prompt_tokens": [[] for _ in prompts], "wall_s": 0.0, "new_tokens": 0}

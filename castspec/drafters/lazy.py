@@ -91,7 +91,7 @@ class LazyDraft(Drafter):
     def threshold_ms(self, contexts: list[list[int]]) -> float:
         """The regret at which the draft is bought: its price, lowered to price * price / upside when the upside
         over the remaining budget is the larger (module docstring)."""
-        price = self.prefill_ms(len(contexts), max(len(c) for c in contexts))
+        price = self.prefill_ms(len(contexts), max(self.lm.prefill_tokens([c[:-1] for c in contexts])))
         if not self.steps:
             return price
         remaining = max(self.budget - (len(c) - start) for c, start in zip(contexts, self.suffix.prompt_lens,

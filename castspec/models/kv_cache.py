@@ -11,9 +11,15 @@ written into free slots, and only a row leaving the batch moves the rows after i
 The cache plugs into a stock Hugging Face model through the `Cache.update` hook every attention layer calls; no
 modeling file is patched. Which slots a query may see is the runner's business (`castspec.models.runner`): slots
 past a row's length that are not in its block hold stale data and are always masked.
+
+Beside the keys and values the cache keeps the token id of every slot (`ids`), moved by the same commits, so a row
+that leaves can be kept as a `Prefix` and a later prompt that starts with the same tokens (the next turn of a chat,
+a shared system prompt) seeds a fresh cache with them instead of running them again (`CausalLMRunner.prefill`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -45,6 +51,22 @@ class _LayerView(CacheLayerMixin):
         return -1
 
 
+@dataclass
+class Prefix:
+    """One row's committed tokens, kept after the row left: ids [L] and keys/values [layers, 2, 1, H_kv, L, d]."""
+
+    ids: torch.Tensor
+    kv: torch.Tensor
+
+    def shared_length(self, prompt: list[int]) -> int:
+        """How many leading tokens of `prompt` this prefix holds (the longest common prefix)."""
+        n = min(len(prompt), self.ids.shape[0])
+        if n == 0:
+            return 0
+        differ = (self.ids[:n].cpu() != torch.tensor(prompt[:n], dtype=torch.long)).nonzero()
+        return int(differ[0, 0]) if differ.numel() else n
+
+
 class TreeKVCache(Cache):
     """Per-row lengths, an in-place speculative block, and commits that move only the accepted entries."""
 
@@ -58,6 +80,8 @@ class TreeKVCache(Cache):
         self.device, self.dtype = torch.device(device), dtype
         self.kv: torch.Tensor | None = None  # allocated at the first write, when head count and size are known
         self.length = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # committed tokens per row
+        # token id in each slot, -1 where unknown (written by a forward that gave none, or never written)
+        self.ids = torch.full((batch_size, self.capacity), -1, dtype=torch.long, device=self.device)
         self.max_length = 0  # host copies of max/min of `length`: slicing needs Python ints, not tensors
         self.min_length = 0
         self.block = 0  # speculative slots written since the last commit (the same count for every row)
@@ -68,16 +92,19 @@ class TreeKVCache(Cache):
         return self.length.shape[0]
 
     # --- one forward -----------------------------------------------------------------------------------------
-    def begin_write(self, count: int) -> int:
-        """Reserve `count` new block slots per row for the next forward; returns the slots attention will see."""
+    def begin_write(self, count: int, tokens: torch.Tensor | None = None) -> int:
+        """Reserve `count` new block slots per row for the next forward, which feeds `tokens` [B, count] (their ids
+        are recorded; None: unknown); returns the slots attention will see."""
         end = -(-(self.max_length + self.block + count) // self.align) * self.align
         self._ensure_capacity(end)
         if self.min_length == self.max_length:  # every row equally long: a plain slice, the common case
             start = self.max_length + self.block
             self._write = slice(start, start + count)
+            self.ids[:, self._write] = -1 if tokens is None else tokens
         else:
             offsets = torch.arange(self.block, self.block + count, device=self.device)
             self._write = self.length[:, None] + offsets  # [B, count]
+            self.ids.scatter_(1, self._write, torch.full_like(self._write, -1) if tokens is None else tokens)
         return end
 
     def end_write(self, count: int) -> None:
@@ -125,6 +152,8 @@ class TreeKVCache(Cache):
         if slots <= self.capacity:
             return
         self.capacity = max(slots, 2 * self.capacity)
+        self.ids = torch.cat([self.ids, self.ids.new_full((self.batch_size, self.capacity - self.ids.shape[1]), -1)],
+                             dim=1)
         if self.kv is not None:
             old, used = self.kv, self.max_length + self.block
             self.kv = torch.zeros(*old.shape[:4], self.capacity, old.shape[5], dtype=old.dtype, device=self.device)
@@ -143,6 +172,7 @@ class TreeKVCache(Cache):
             # a kept chain already sits where it belongs (the common case on the CPU, where checking costs no sync)
             if self.device.type != "cpu" or not torch.equal(src, dst):
                 self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]  # gathered first, so overlaps are safe
+                self.ids[rows, dst] = self.ids[rows, src]
         self.length = self.length + keep_count
         self.block = 0
         self._sync_lengths()
@@ -165,6 +195,7 @@ class TreeKVCache(Cache):
             for new, old in moves:  # ascending, old >= new: a source is never overwritten before it is read
                 self.kv[:, :, new, :, :used] = self.kv[:, :, old, :, :used]
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.ids = self.ids.index_select(0, index)
         self.length = self.length.index_select(0, index)
         if self.kv is not None:
             self.kv = self.kv[:, :, : len(rows)]
@@ -188,8 +219,34 @@ class TreeKVCache(Cache):
                     kv[:, :, start:start + cache.batch_size, :, :used] = cache.kv[..., :used, :]
             self.kv = kv
         self.capacity = capacity
+        ids = self.ids.new_full((self.batch_size + other.batch_size, capacity), -1)
+        ids[: self.batch_size, : self.ids.shape[1]] = self.ids
+        ids[self.batch_size:, : other.ids.shape[1]] = other.ids.to(self.device)
+        self.ids = ids
         self.length = torch.cat([self.length, other.length.to(self.device)])
         self._sync_lengths()
+
+    # --- prefixes kept across requests ---------------------------------------------------------------------
+    def prefix_of(self, row: int, copy: bool = True) -> Prefix | None:
+        """Row `row`'s committed tokens as a `Prefix`; None if none of them is known. `copy=False` when nothing will
+        write this buffer again (the cache is being dropped): the prefix then views it."""
+        length = int(self.length[row])
+        known = self.ids[row, :length] >= 0
+        if self.kv is None or length == 0 or not bool(known[0]):
+            return None
+        length = length if bool(known.all()) else int((~known).nonzero()[0, 0])  # up to the first unknown id
+        kv = self.kv[:, :, row:row + 1, :, :length]
+        return Prefix(self.ids[row, :length].clone(), kv.clone() if copy else kv)
+
+    def seed(self, prefix: Prefix, count: int) -> None:
+        """Start this (single-row, empty) cache with `prefix`'s first `count` tokens committed."""
+        if self.batch_size != 1 or self.max_length or self.block:
+            raise RuntimeError("only an empty one-row cache can be seeded with a prefix")
+        self._ensure_capacity(count)
+        kv = self.buffer(prefix.kv.shape[3], prefix.kv.shape[5])
+        kv[..., :count, :] = prefix.kv[..., :count, :].to(kv.device)
+        self.ids[0, :count] = prefix.ids[:count].to(self.device)
+        self.set_lengths(torch.tensor([count], dtype=torch.long))
 
     def _sync_lengths(self) -> None:
         low, high = torch.aminmax(self.length) if self.length.numel() else (torch.tensor(0), torch.tensor(0))

@@ -6,6 +6,12 @@ length. A decoding step appends a *block* of speculative tokens (one or several 
 explicit 4D additive mask — each query sees its row's committed tokens plus the block slots the caller's block mask
 allows — and `position_ids = length + depth`, so tree nodes at the same depth share a position, the rotary phase a
 token would have had in plain decoding. `commit` keeps a per-row subset of the block (the accepted path).
+
+When a row leaves, its committed tokens are kept (`Prefix`: ids, keys and values of the last row to leave), and a
+one-prompt prefill that starts with some of them runs only the rest: the next turn of a conversation, or a prompt
+behind the same system prompt, as llama.cpp's and vLLM's prefix caches do. Exact: a token's keys and values depend
+only on the tokens before it (canonical attention, row-independent kernels), so the reused ones are the bits a full
+prefill would write, and the prompt's last logits are the same (tested).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 from transformers import PreTrainedModel
 
 from castspec.models.attention import CHUNK, key_layout, use_tree_attention
-from castspec.models.kv_cache import TreeKVCache
+from castspec.models.kv_cache import Prefix, TreeKVCache
 
 # Slots reserved beyond prompt + budget for one step's speculative block; a step that needs more grows the cache.
 BLOCK_RESERVE = 64
@@ -42,6 +48,9 @@ class CausalLMRunner:
         has_sliding = "sliding_attention" in layer_types
         self.sliding_window = getattr(self.config, "sliding_window", None) if has_sliding else None
         self.max_positions = getattr(self.config, "max_position_embeddings", None)
+        self.reuse_prefix = True  # keep the last row that left, and prefill only what a new prompt adds to it
+        self.kept: Prefix | None = None
+        self.prefilled_tokens = 0  # prompt tokens the last prefill ran through the model (reused ones not counted)
         self.reset(batch_size=1, capacity=BLOCK_RESERVE)
 
     # --- state -----------------------------------------------------------------------------------------------
@@ -76,7 +85,17 @@ class CausalLMRunner:
         row (plus a step's block); returns each row's last logits [B, V].
 
         Rows are right-padded in one forward: padding lands in slots past the row's length, which stay invalid.
+        One prompt that starts with tokens of the kept prefix runs only the tokens after them.
         """
+        self._keep_longest(range(self.batch_size), copy=False)  # the old cache is dropped, nothing writes it now
+        return self._prefill_rows(prompts, budget)
+
+    def _prefill_rows(self, prompts: list[list[int]], budget: int) -> torch.Tensor:
+        """`prefill` into a fresh cache, the current one's rows not kept."""
+        shared = self.reusable(prompts[0]) if len(prompts) == 1 else 0
+        if shared:
+            return self._prefill_after(prompts[0], shared, budget)
+        self.prefilled_tokens = sum(len(p) for p in prompts)
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
         longest = max(len(p) for p in prompts)
         self.reset(len(prompts), longest + budget + BLOCK_RESERVE)
@@ -88,6 +107,28 @@ class CausalLMRunner:
                               logits_to_keep=(lengths - 1)[:, None])  # only each row's last position
         self.cache.set_lengths(lengths)
         self.begin_block()
+        return logits[:, -1]
+
+    def reusable(self, prompt: list[int]) -> int:
+        """How many leading tokens of `prompt` a prefill would take from the kept prefix instead of running them
+        (never the last one: its logits are the prefill's result)."""
+        if not self.reuse_prefix or self.kept is None or len(prompt) < 2:
+            return 0
+        return min(self.kept.shared_length(prompt), len(prompt) - 1)
+
+    def _prefill_after(self, prompt: list[int], shared: int, budget: int) -> torch.Tensor:
+        """`prefill` of one prompt whose first `shared` tokens the kept prefix holds: seed, then run the rest."""
+        rest = len(prompt) - shared
+        self.reset(1, len(prompt) + budget + BLOCK_RESERVE)
+        self.cache.seed(self.kept, shared)
+        tokens = torch.tensor([prompt[shared:]], dtype=torch.long, device=self.device)
+        positions = torch.arange(shared, len(prompt), device=self.device)[None]
+        causal = torch.ones(rest, rest, dtype=torch.bool, device=self.device).tril()[None]
+        last = torch.full((1, 1), rest - 1, dtype=torch.long, device=self.device)
+        logits = self.forward(tokens, positions, causal, logits_to_keep=last)
+        self.cache.set_lengths(torch.tensor([len(prompt)], dtype=torch.long))
+        self.begin_block()
+        self.prefilled_tokens = rest
         return logits[:, -1]
 
     @torch.inference_mode()
@@ -102,7 +143,7 @@ class CausalLMRunner:
             raise RuntimeError("rows can only join between steps (a speculative block is open)")
         live, live_pos = self.cache, self.block_pos
         try:
-            logits = self.prefill(prompts, budget)
+            logits = self._prefill_rows(prompts, budget)
         except BaseException:  # the live rows' cache stays as it was
             self.cache, self.block_pos = live, live_pos
             raise
@@ -147,7 +188,7 @@ class CausalLMRunner:
             own = torch.eye(n, dtype=torch.bool, device=self.device)[None] & ~token_valid[:, :, None]
             block_mask = torch.cat([block_mask[:, :, :-n], block_mask[:, :, -n:] | own], dim=2)
         self.block_pos = torch.cat([self.block_pos, positions], dim=1)
-        end = self.cache.begin_write(n)
+        end = self.cache.begin_write(n, tokens)
         allowed, key_pos = self._visible(block_mask, end)
         layout = key_layout(allowed, key_pos, positions, token_valid) if self.canonical else None
         try:
@@ -200,10 +241,19 @@ class CausalLMRunner:
 
     @torch.inference_mode()
     def keep_rows(self, rows: list[int]) -> None:
-        """Keep only these rows of the batch (ascending indices); finished rows cost nothing more."""
+        """Keep only these rows of the batch (ascending indices); finished rows cost nothing more. The longest row
+        that leaves becomes the kept prefix (between steps)."""
+        self._keep_longest(sorted(set(range(self.batch_size)) - set(rows)), copy=True)
         self.cache.keep_rows(rows)
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.block_pos = self.block_pos.index_select(0, index)
+
+    def _keep_longest(self, rows, copy: bool) -> None:
+        """The longest of these rows becomes the kept prefix (a copy unless the buffer is being dropped)."""
+        rows = list(rows)
+        if self.reuse_prefix and rows:
+            longest = max(rows, key=lambda row: int(self.cache.length[row]))
+            self.kept = self.cache.prefix_of(longest, copy) or self.kept
 
     @torch.inference_mode()
     def synthetic_context(self, batch_size: int, length: int, seed: int = 0) -> None:
@@ -216,6 +266,7 @@ class CausalLMRunner:
         generator = torch.Generator().manual_seed(seed)
         prompt = torch.randint(3, self.config.vocab_size, (batch_size, seed_len), generator=generator)
         self.prefill(prompt.tolist(), budget=length - seed_len)
+        self.cache.ids[:, seed_len:] = -1  # the tiled slots hold no real token's keys and values
         kv = self.cache.kv
         repeats = -(-length // seed_len)
         kv[..., :length, :] = kv[..., :seed_len, :].repeat(1, 1, 1, 1, repeats, 1)[..., :length, :]
