@@ -50,6 +50,7 @@ class GenerationStats:
     verify_s: float = 0.0
     wall_s: float = 0.0
     new_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the target took from its kept prefix instead of prefilling them
     plans: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -72,6 +73,7 @@ class GenerationStats:
             "prefill_s": round(self.prefill_s, 4),
             "draft_s": round(self.draft_s, 4),
             "verify_s": round(self.verify_s, 4),
+            "cached_tokens": self.cached_tokens,
         }
         if per_step:
             out.update(accepted_per_step=self.accepted, tree_sizes=self.tree_sizes, verified_per_step=self.verified,
@@ -374,8 +376,9 @@ class SpeculativeGenerator:
         elapsed = time.perf_counter() - t0
         state.batch_stats.rows += len(keys)
         state.batch_stats.prefill_s += elapsed
+        cached = len(prompts[0]) - self.target.prefilled_tokens if len(keys) == 1 else 0  # one prompt may reuse
         for key in keys:
-            state.stats[key].prefill_s = elapsed
+            state.stats[key].prefill_s, state.stats[key].cached_tokens = elapsed, cached
         tokens = [[t] for t in first.tolist()]
         return self._finish(state, keys, tokens)
 

@@ -189,6 +189,22 @@ def test_completion_is_generate_alone(server, expected):
     assert 0 <= timings["draft_n_accepted"] <= timings["draft_n"] and timings["predicted_per_second"] > 0
 
 
+def test_a_follow_up_prefills_only_what_it_adds_and_says_so(server, target, expected):
+    """The next request continues the last one (its prompt and answer, then more): usage and timings count the
+    prompt tokens it took from the kept prefix, and the answer is still `generate`'s alone."""
+    prompt, n = BURST[2]
+    complete(server, prompt, n)
+    hits = server.metrics()["castspec:prefix_cache_hits_total"]
+    follow_up = [int(t) for t in prompt.split()] + expected[prompt, n][0] + [7, 9]
+    result = server.client.completions.create(model=MODEL, prompt=follow_up, max_tokens=6, temperature=0)
+    cached = len(follow_up) - 3  # all but the answer's last token (never fed back) and the two new ones
+    assert result.usage.prompt_tokens_details.cached_tokens == cached
+    assert result.model_extra["timings"]["cache_n"] == cached
+    assert server.metrics()["castspec:prefix_cache_hits_total"] == hits + cached
+    alone = make_generator(target)
+    assert result.choices[0].text == text_of(alone, alone.generate(follow_up, max_new_tokens=6).token_ids)
+
+
 def test_token_id_prompt_and_streaming_with_usage(server, expected):
     prompt, n = BURST[2]
     ids, text = expected[prompt, n]

@@ -158,7 +158,7 @@ class Service:
         choice = {"index": 0, "logprobs": None, "finish_reason": end.finish_reason}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         return {**envelope(kind, new_id(prefix), self.model_name), "choices": [choice],
-                "usage": usage(end.prompt_tokens, end.completion_tokens), "timings": end.timings}
+                "usage": usage(end.prompt_tokens, end.completion_tokens, end.cached_tokens), "timings": end.timings}
 
     async def stream(self, job: Job, chat: bool, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events: a chunk per text piece, a last one with the finish reason (and `timings`), a usage
@@ -191,7 +191,8 @@ class Service:
                     break
                 yield chunk("", event.finish_reason, timings=event.timings)
                 if include_usage:
-                    yield _sse({**head, "choices": [], "usage": usage(event.prompt_tokens, event.completion_tokens)})
+                    counts = usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
+                    yield _sse({**head, "choices": [], "usage": counts})
                 break
             yield "data: [DONE]\n\n"
         finally:

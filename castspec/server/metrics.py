@@ -62,10 +62,12 @@ class Metrics:
         cell[0] += value
         cell[1] += 1
 
-    def request_finished(self, prompt_tokens: int, completion_tokens: int, finish_reason: str) -> None:
+    def request_finished(self, prompt_tokens: int, completion_tokens: int, finish_reason: str,
+                         cached_tokens: int = 0) -> None:
         with self._lock:
             self.finished[finish_reason] += 1
             self.counters["prompt_tokens"] += prompt_tokens
+            self.counters["prefix_cache_hits"] += cached_tokens
             self.counters["generation_tokens"] += completion_tokens
 
     def count(self, name: str) -> None:
@@ -106,6 +108,7 @@ COUNTERS = {
     "spec_decode_num_accepted_tokens": "Drafted tokens the target accepted",
     "engine_steps": "Engine steps (one target verification forward for the whole live batch)",
     "prompt_tokens": "Prompt tokens of finished requests",
+    "prefix_cache_hits": "Prompt tokens of finished requests taken from the kept prefix of an earlier one",
     "generation_tokens": "Tokens generated for finished requests",
     "request_failure": "Requests that failed in the engine",
     "request_rejected": "Requests refused because the waiting queue was full or the server was stopping",

@@ -41,6 +41,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, Any]
+    cached_tokens: int = 0  # prompt tokens taken from the prefix kept of the last request (not prefilled)
 
 
 @dataclass(frozen=True)
@@ -273,12 +274,13 @@ class Scheduler:
     def _finish(self, job: Job, reason: str) -> None:
         stats = self.state.stats[job.key]
         elapsed_ms = 1000 * (time.perf_counter() - job.joined_s)
-        timings = {"prompt_n": len(job.prompt_ids), "prompt_ms": round(1000 * stats.prefill_s, 3),
+        timings = {"prompt_n": len(job.prompt_ids), "cache_n": stats.cached_tokens,
+                   "prompt_ms": round(1000 * stats.prefill_s, 3),
                    "predicted_n": job.produced, "predicted_ms": round(elapsed_ms, 3),
                    "predicted_per_second": round(1000 * job.produced / elapsed_ms, 3) if elapsed_ms > 0 else 0.0,
                    "draft_n": sum(stats.verified), "draft_n_accepted": sum(stats.accepted)}
-        self.metrics.request_finished(len(job.prompt_ids), job.produced, reason)
-        job.send(Finished(reason, len(job.prompt_ids), job.produced, timings))
+        self.metrics.request_finished(len(job.prompt_ids), job.produced, reason, stats.cached_tokens)
+        job.send(Finished(reason, len(job.prompt_ids), job.produced, timings, stats.cached_tokens))
         self._forget(job.key)
 
     def _fail(self, job: Job, failure: Failed) -> None:
