@@ -97,6 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=cmd_generate)
 
+    chat = sub.add_parser(
+        "chat", help="talk with the target in the terminal; each turn prefills only the new message",
+        description="An interactive conversation in the model's chat template, each answer streamed as its tokens "
+                    "are accepted. One message per line; /reset starts the conversation over, /exit (or the end of "
+                    "the input) quits. The models keep the conversation's cache between turns, so a turn prefills "
+                    "only the new message (and the last answer's final token), as llama.cpp's conversation mode "
+                    "does. Greedy by default: every answer is token for token the target's own. After each answer "
+                    "a line on stderr gives its tokens, tokens/s, tokens per target step and the prompt tokens "
+                    "reused from the cache.",
+        formatter_class=_HelpFormatter)
+    _model_arguments(chat, DEFAULT_TARGET, DEFAULT_DRAFT)
+    chat.add_argument("--policy", default=DEFAULT_POLICY,
+                      help=f"tree policy: {', '.join(policy_names())}, optionally with parameters (as for generate)")
+    chat.add_argument("--system", default=None, help="a system message that opens the conversation")
+    chat.add_argument("--max-new-tokens", type=_positive_int, default=512, help="tokens per answer at most")
+    _sampling_arguments(chat)
+    chat.add_argument("--no-fast-kernels", action="store_true", help="keep stock nn.Linear kernels on CPU")
+    chat.add_argument("--cost-table", default=None,
+                      help="cost table for cast (default: the one cached for this device and pair, else a quick "
+                           "profile)")
+    chat.set_defaults(func=cmd_chat)
+
     srv = sub.add_parser(
         "serve", help="serve an OpenAI-compatible HTTP API with continuous batching",
         description="Serve the target (sped up by the draft) over HTTP: POST /v1/completions and "
@@ -661,6 +683,69 @@ def _stops(args: argparse.Namespace) -> list[str]:
     if any(not text for text in stops):
         raise CastspecError("--stop needs a non-empty text")
     return stops
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from castspec.api import load_generator
+    from castspec.policies import make_policy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sampling = _sampling(args)
+    policy = make_policy(args.policy)
+    gen = load_generator(args.target, args.draft if policy.uses_draft else None, policy, device=args.device,
+                         fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
+                         target_dtype=args.target_dtype, cost_table=args.cost_table, draft_vocab=args.draft_vocab,
+                         suffix=args.suffix, draft_window=args.draft_window, suffix_cache=args.suffix_cache,
+                         lazy_draft=args.lazy_draft)
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    gen.generate(gen.encode_conversation(opening + [{"role": "user", "content": "Hello"}]), max_new_tokens=2)
+    gen.forget_prefix()  # warm-up done (and the template checked before the first line is typed)
+    history = list(opening)
+    for line in _chat_lines():
+        message = line.strip()
+        if message in ("/exit", "/quit"):
+            break
+        if message == "/reset":
+            history = list(opening)
+            continue
+        if message:
+            history = _chat_turn(args, gen, history, message, sampling)
+    return 0
+
+
+def _chat_lines():
+    """The user's messages: prompted lines on a terminal, else the lines of the input as they come."""
+    if not sys.stdin.isatty():
+        yield from sys.stdin
+        return
+    while True:
+        try:
+            yield input("> ")
+        except EOFError:
+            print()
+            return
+
+
+def _chat_turn(args: argparse.Namespace, gen, history: list[dict[str, str]], message: str,
+               sampling: dict) -> list[dict[str, str]]:
+    """Answer one message (streamed); the conversation with it and its answer. A turn that fails (e.g. the
+    conversation no longer fits in the context) is reported on one line and left out."""
+    messages = history + [{"role": "user", "content": message}]
+    try:
+        ids = gen.encode_conversation(messages)
+        result = gen.generate(ids, max_new_tokens=args.max_new_tokens, on_tokens=_streamer(gen.tokenizer, []),
+                              **sampling)
+    except CastspecError as err:
+        print(f"castspec: error: {err} (/reset starts over)", file=sys.stderr)
+        return history
+    print()
+    s = result.stats
+    print(f"[{len(result.token_ids)} tokens, {s.tokens_per_s:.1f} tok/s, {s.mean_accept_len:.2f} tokens/step; prompt "
+          f"{result.prompt_tokens} tokens, {s.cached_tokens} reused, prefill {s.prefill_s:.2f} s]", file=sys.stderr)
+    return messages + [{"role": "assistant", "content": result.text}]
 
 
 def _streamer(tokenizer, stop: list[str]):

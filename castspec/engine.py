@@ -234,13 +234,12 @@ class SpeculativeGenerator:
     def reuse_prefix(self, on: bool) -> None:
         for runtime in self.runtimes.values():
             runtime.runner.reuse_prefix = bool(on)
-            runtime.runner.kept = None if not on else runtime.runner.kept
 
     def forget_prefix(self) -> None:
         """Drop what the models kept of the last sequence: the next prompt is prefilled whole (a warm-up's prompt,
         or another method's run of the same prompt, must not shorten a measured prefill)."""
         for runtime in self.runtimes.values():
-            runtime.runner.kept = None
+            runtime.runner.forget_prefix()
 
     def generate(self, prompt: str | list[int] | torch.Tensor, max_new_tokens: int = 128, chat: bool = False,
                  on_tokens: Callable[[list[int]], None] | None = None, temperature: float = 0.0, top_k: int = 0,
@@ -316,10 +315,7 @@ class SpeculativeGenerator:
             if chat:
                 if not getattr(self.tokenizer, "chat_template", None):
                     raise CastspecError("--chat: this model's tokenizer has no chat template")
-                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                         add_generation_prompt=True, tokenize=True)
-                if not isinstance(ids, list):
-                    ids = ids["input_ids"]
+                return self.encode_conversation([{"role": "user", "content": prompt}])
             else:
                 ids = self.tokenizer(prompt)["input_ids"]
         elif isinstance(prompt, torch.Tensor):
@@ -336,6 +332,18 @@ class SpeculativeGenerator:
         if bad is not None:  # the embedding lookup would fail (or, on some devices, read garbage)
             raise CastspecError(f"prompt token id {bad} is outside the vocabulary (0 .. {self.vocab_size - 1})")
         return ids
+
+    def encode_conversation(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation (`[{"role", "content"}, ...]`) in the tokenizer's chat template, ready for
+        the assistant's next turn. Each turn's ids start with the turn before's, so a turn after an answer prefills
+        only what it adds (`castspec.models.runner`)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise CastspecError("this model's tokenizer has no chat template")
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as err:  # templates refuse what they cannot render (e.g. a system role) with an exception
+            raise CastspecError(f"the chat template refused these messages: {err}") from None
+        return self.encode(list(ids if isinstance(ids, list) else ids["input_ids"]))
 
     # --- the loop: a live batch that sequences join and leave between steps ---------------------------------
     def open_batch(self) -> BatchState:

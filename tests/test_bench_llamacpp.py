@@ -156,6 +156,11 @@ def test_bench_llamacpp_records_report_and_resume(models, fake_llama, capsys, tm
         assert all(0 <= busy <= 2 * (os.cpu_count() or 1) for busy in rec["busy_cores"])
     mt = next(r for r in records if r["task"] == "mt-bench")
     assert len(mt["methods"]["llama.cpp"]["turn_tokens"][0]) == 2  # both turns, on its own earlier answer
+    for record in records:  # only a conversation's later turn reuses, its own earlier one: never another method's
+        for rec in record["methods"].values():
+            first, *later = rec["cached_tokens"]
+            assert first == 0 and len(later) == (record["task"] == "mt-bench")
+            assert all(0 < n < turn for n, turn in zip(later, rec["prompt_tokens"][0][1:], strict=True))
 
     entry = single["summary"]["llama.cpp"]
     assert entry["failed"] == [] and entry["prompts"] == 4

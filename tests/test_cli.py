@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -354,3 +355,41 @@ def test_bench_records_the_whole_batch_not_sequence_0(pair):
     assert rec["steps"] >= 4  # the longest row's steps (8 tokens, at most 3 per chain step)
     assert rec["prefill_s"] > 0 and rec["draft_s"] > 0 and rec["verify_s"] > 0
     assert rec["prefill_s"] + rec["draft_s"] + rec["verify_s"] <= rec["wall_s"]  # the call's wall, not row 0's
+
+
+def test_chat_answers_each_line_reusing_the_conversation_and_resets(pair, capsys, monkeypatch):
+    """Two turns, a reset, a third: the second turn prefills only what it adds (its stats line says how many prompt
+    tokens it reused), its answer is plain greedy decoding of the whole conversation, and after /reset the
+    conversation starts over (the same first answer)."""
+    import io
+
+    from castspec.api import load_generator
+
+    target, draft, _ = pair
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello world\nand more\n/reset\nhello world\n/exit\nnever read\n"))
+    code, out, err = run(capsys, "chat", "--target", target, "--draft", draft, "--policy", "chain:gamma=3",
+                         "--max-new-tokens", "8")
+    assert code == 0, err
+    stats = [line for line in err.splitlines() if line.startswith("[")]
+    assert len(stats) == 3
+    reused = [int(re.search(r"(\d+) reused", line).group(1)) for line in stats]
+    assert reused[0] == 0 and reused[1] > 0 and reused[2] > 0  # after /reset: the first turn's prompt is cached too
+    answers = out.split("\n")[:3]
+    assert answers[0] == answers[2]  # the same first turn after the reset
+    plain = load_generator(target, None, "ar")
+    first = [{"role": "user", "content": "hello world"}]
+    assert plain.generate(plain.encode_conversation(first), max_new_tokens=8).text == answers[0]
+    second = first + [{"role": "assistant", "content": answers[0]}, {"role": "user", "content": "and more"}]
+    assert plain.generate(plain.encode_conversation(second), max_new_tokens=8).text == answers[1]
+
+
+def test_chat_reports_a_turn_that_does_not_fit_and_goes_on(pair, capsys, monkeypatch):
+    import io
+
+    target, _, _ = pair
+    monkeypatch.setattr("sys.stdin", io.StringIO("x" * 1100 + "\nhello\n"))
+    code, out, err = run(capsys, "chat", "--target", target, "--draft", "none", "--policy", "ar",
+                         "--max-new-tokens", "4")
+    assert code == 0
+    assert "castspec: error:" in err and "/reset starts over" in err
+    assert sum(line.startswith("[") for line in err.splitlines()) == 1

@@ -164,3 +164,15 @@ def test_the_next_turn_prefills_only_what_it_adds_and_decodes_as_plain_decoding_
     assert out.token_ids == reference_greedy(target, follow_up, 12)
     assert gen.target.prefilled_tokens == 4  # the answer's last token and the new message: the cache held the rest
     assert gen.drafter.runner.prefilled_tokens <= 5
+
+
+def test_forget_prefix_keeps_nothing_of_the_sequences_so_far():
+    """After `forget_prefix` a prompt is prefilled whole, even one the cache's last row starts with (a batch that
+    emptied leaves its rows in the cache until the next prefill, which would otherwise keep them)."""
+    target, draft = pair()
+    gen = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy="chain:gamma=3")
+    out = gen.generate(PROMPT, max_new_tokens=12).token_ids
+    gen.forget_prefix()
+    again = gen.generate(PROMPT + out[:3], max_new_tokens=4)
+    assert gen.target.prefilled_tokens == gen.drafter.runner.prefilled_tokens == len(PROMPT) + 3
+    assert again.stats.cached_tokens == 0

@@ -205,6 +205,7 @@ class LlamaCppPlain:
         return {"token_ids": [tokens], "new_tokens": len(tokens), "steps": steps,
                 "prefill_s": prefill_end - start, "draft_s": 0.0, "verify_s": end - prefill_end,
                 "wall_s": end - start, "accepted": [0] * steps, "depths": [0] * steps, "verified": [0] * steps,
+                "cached_tokens": [len(ids) - self.prefilled_tokens],
                 "load_1m": [round(load_1m, 2)], "busy_cores": [others]}  # lists: one entry per turn
 
     def forget_prefix(self) -> None:

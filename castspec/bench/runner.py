@@ -348,6 +348,7 @@ class MethodRunner:
         return {"token_ids": [r.token_ids for r in results], "new_tokens": sum(len(r.token_ids) for r in results),
                 "steps": batch.steps, "prefill_s": batch.prefill_s, "draft_s": batch.draft_s,
                 "verify_s": batch.verify_s, "wall_s": batch.wall_s,
+                "cached_tokens": [s.cached_tokens for s in stats],  # per row: prompt tokens a kept prefix held
                 "accepted": [a for s in stats for a in s.accepted], "depths": [d for s in stats for d in s.depths],
                 "verified": [v for s in stats for v in s.verified]}
 

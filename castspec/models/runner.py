@@ -109,6 +109,13 @@ class CausalLMRunner:
         self.begin_block()
         return logits[:, -1]
 
+    @torch.inference_mode()
+    def forget_prefix(self) -> None:
+        """Keep nothing of the sequences so far: neither the kept prefix nor the rows the cache still holds (a
+        batch that emptied leaves its last rows there until the next prefill, which would keep them)."""
+        self.kept = None
+        self.cache.ids.fill_(-1)
+
     def reusable(self, prompt: list[int]) -> int:
         """How many leading tokens of `prompt` a prefill would take from the kept prefix instead of running them
         (never the last one: its logits are the prefill's result)."""

@@ -69,18 +69,10 @@ class Service:
 
     def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
         """The conversation through the tokenizer's chat template, ready for the assistant's turn."""
-        tokenizer = self.gen.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
+        if not getattr(self.gen.tokenizer, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
         try:
-            ids = tokenizer.apply_chat_template([m.as_template_input() for m in messages], add_generation_prompt=True,
-                                                tokenize=True)
-        except Exception as err:  # templates refuse what they cannot render (e.g. a system role) with an exception
-            raise ApiError(400, f"the chat template refused these messages: {err}", param="messages") from None
-        if not isinstance(ids, list):
-            ids = ids["input_ids"]
-        try:
-            return self.gen.encode(list(ids))
+            return self.gen.encode_conversation([m.as_template_input() for m in messages])
         except CastspecError as err:
             raise ApiError(400, str(err), param="messages") from None
 
