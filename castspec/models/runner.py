@@ -256,11 +256,12 @@ class CausalLMRunner:
         self.block_pos = self.block_pos.index_select(0, index)
 
     def _keep_longest(self, rows, copy: bool) -> None:
-        """The longest of these rows becomes the kept prefix (a copy unless the buffer is being dropped)."""
+        """The longest of these rows becomes the kept prefix: a copy, or (`copy=False`, the buffer of a one-row cache
+        being dropped) a view, which keeps no other row's memory alive."""
         rows = list(rows)
         if self.reuse_prefix and rows:
             longest = max(rows, key=lambda row: int(self.cache.length[row]))
-            self.kept = self.cache.prefix_of(longest, copy) or self.kept
+            self.kept = self.cache.prefix_of(longest, copy or self.batch_size > 1) or self.kept
 
     @torch.inference_mode()
     def synthetic_context(self, batch_size: int, length: int, seed: int = 0) -> None:
@@ -273,7 +274,7 @@ class CausalLMRunner:
         generator = torch.Generator().manual_seed(seed)
         prompt = torch.randint(3, self.config.vocab_size, (batch_size, seed_len), generator=generator)
         self.prefill(prompt.tolist(), budget=length - seed_len)
-        self.cache.ids[:, seed_len:] = -1  # the tiled slots hold no real token's keys and values
+        self.forget_prefix()  # random tokens, tiled: nothing a prompt could reuse
         kv = self.cache.kv
         repeats = -(-length // seed_len)
         kv[..., :length, :] = kv[..., :seed_len, :].repeat(1, 1, 1, 1, repeats, 1)[..., :length, :]
