@@ -73,3 +73,30 @@ def test_summary_compares_with_ar_alone_and_renders():
     assert table["low"]["cast"]["identical_to_alone"] == 1
     text = markdown({"config": vars(config), "env": {"cpu": "cpu", "cores": 2}, "by_rate": table})
     assert "| 0.1 | cast | 1/1 | 1/1 |" in text
+
+
+def test_the_warm_up_sends_none_of_the_measured_prompts(monkeypatch):
+    """The server keeps the last finished request's cache: a warm-up with a measured prompt would hand that request
+    its prefill for free."""
+    import httpx
+
+    from castspec.bench.serve_load import WARM_UP_TEXT, warm_up
+
+    sent = []
+
+    class Ok:
+        def raise_for_status(self) -> None:
+            pass
+
+    monkeypatch.setattr(httpx, "post", lambda url, json, timeout: sent.append((url, json)) or Ok())
+    chat = {"messages": [{"role": "user", "content": "q1"}], "max_tokens": 128, "stream": True,
+            "stream_options": {"include_usage": True}}
+    requests = [{"path": "/v1/chat/completions", "body": chat},
+                {"path": "/v1/completions", "body": {"prompt": "def f():", "max_tokens": 128, "stream": True}},
+                {"path": "/v1/chat/completions", "body": chat}]
+    warm_up("http://x", requests)
+    assert [url for url, _ in sent] == ["http://x/v1/chat/completions", "http://x/v1/completions"]
+    assert sent[0][1]["messages"] == [{"role": "user", "content": WARM_UP_TEXT}]
+    assert sent[1][1]["prompt"] == WARM_UP_TEXT
+    assert all(body["max_tokens"] == 4 and body["stream"] is False and "stream_options" not in body
+               for _, body in sent)

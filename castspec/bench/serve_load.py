@@ -218,13 +218,22 @@ async def run_block(url: str, requests: list[dict[str, Any]], arrivals: list[flo
         return list(await asyncio.gather(*(at(t, r) for t, r in zip(arrivals, requests, strict=True))))
 
 
+WARM_UP_TEXT = "Hello"
+
+
 def warm_up(url: str, requests: list[dict[str, Any]]) -> None:
-    """One short request per endpoint: first-call allocations are not load."""
+    """One short request per endpoint: first-call allocations are not load. Its text is none of the measured
+    prompts: the server keeps the last finished request's cache, and a measured request must not start from its
+    own prompt already prefilled."""
     import httpx
 
     for path in dict.fromkeys(r["path"] for r in requests):
         body = dict(next(r for r in requests if r["path"] == path)["body"], max_tokens=4, stream=False)
         body.pop("stream_options", None)
+        if "messages" in body:
+            body["messages"] = [{"role": "user", "content": WARM_UP_TEXT}]
+        else:
+            body["prompt"] = WARM_UP_TEXT
         httpx.post(url + path, json=body, timeout=None).raise_for_status()
 
 
