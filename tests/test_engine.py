@@ -176,3 +176,19 @@ def test_forget_prefix_keeps_nothing_of_the_sequences_so_far():
     again = gen.generate(PROMPT + out[:3], max_new_tokens=4)
     assert gen.target.prefilled_tokens == gen.drafter.runner.prefilled_tokens == len(PROMPT) + 3
     assert again.stats.cached_tokens == 0
+
+
+def test_interleaved_conversations_each_find_their_own_prefix():
+    """Two conversations take turns (a server's clients): the next turn of the first still prefills only what it
+    adds, and a kept prefix that a newer one extends is dropped."""
+    target, draft = pair()
+    gen = SpeculativeGenerator(target, ToyTokenizer(), draft=draft, policy="chain:gamma=3")
+    first, other = [5, 17, 33, 4, 61, 8], [40, 41, 42, 43]
+    answer = gen.generate(first, max_new_tokens=8).token_ids
+    gen.generate(other, max_new_tokens=8)
+    follow_up = first + answer + [7, 9]
+    out = gen.generate(follow_up, max_new_tokens=8)
+    assert gen.target.prefilled_tokens == 3 and out.stats.cached_tokens == len(follow_up) - 3
+    assert out.token_ids == reference_greedy(target, follow_up, 8)
+    gen.generate([50, 51], max_new_tokens=2)  # keeps the follow-up's row, which extends the first conversation's
+    assert len(gen.target.kept) == 2

@@ -66,6 +66,11 @@ class Prefix:
         differ = (self.ids[:n].cpu() != torch.tensor(prompt[:n], dtype=torch.long)).nonzero()
         return int(differ[0, 0]) if differ.numel() else n
 
+    def extends(self, other: Prefix) -> bool:
+        """Whether `other`'s tokens are the first tokens of this one (this prefix makes `other` redundant)."""
+        n = other.ids.shape[0]
+        return n <= self.ids.shape[0] and torch.equal(self.ids[:n], other.ids.to(self.ids.device))
+
 
 class TreeKVCache(Cache):
     """Per-row lengths, an in-place speculative block, and commits that move only the accepted entries."""

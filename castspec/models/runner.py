@@ -7,9 +7,10 @@ explicit 4D additive mask — each query sees its row's committed tokens plus th
 allows — and `position_ids = length + depth`, so tree nodes at the same depth share a position, the rotary phase a
 token would have had in plain decoding. `commit` keeps a per-row subset of the block (the accepted path).
 
-When a row leaves, its committed tokens are kept (`Prefix`: ids, keys and values of the last row to leave), and a
-one-prompt prefill that starts with some of them runs only the rest: the next turn of a conversation, or a prompt
-behind the same system prompt, as llama.cpp's and vLLM's prefix caches do. Exact: a token's keys and values depend
+When a row leaves, its committed tokens are kept (`Prefix`: ids, keys and values; the last `KEPT_PREFIXES` rows to
+leave), and a one-prompt prefill that starts with some of them runs only the rest: the next turn of a conversation
+(also one of several interleaved conversations), or a prompt behind the same system prompt, as llama.cpp's and
+vLLM's prefix caches do. Exact: a token's keys and values depend
 only on the tokens before it (canonical attention, row-independent kernels), so the reused ones are the bits a full
 prefill would write, and the prompt's last logits are the same (tested).
 """
@@ -24,6 +25,9 @@ from castspec.models.kv_cache import Prefix, TreeKVCache
 
 # Slots reserved beyond prompt + budget for one step's speculative block; a step that needs more grows the cache.
 BLOCK_RESERVE = 64
+# Sequences whose committed tokens are kept for later prompts, most recent first: a few interleaved conversations
+# (a server's clients) each find their own. Each holds its keys and values (~57 KB per token for a 1.5B fp32 cache).
+KEPT_PREFIXES = 4
 
 
 class CausalLMRunner:
@@ -49,7 +53,7 @@ class CausalLMRunner:
         self.sliding_window = getattr(self.config, "sliding_window", None) if has_sliding else None
         self.max_positions = getattr(self.config, "max_position_embeddings", None)
         self.reuse_prefix = True  # keep the last row that left, and prefill only what a new prompt adds to it
-        self.kept: Prefix | None = None
+        self.kept: list[Prefix] = []  # most recent first
         self.prefilled_tokens = 0  # prompt tokens the last prefill ran through the model (reused ones not counted)
         self.reset(batch_size=1, capacity=BLOCK_RESERVE)
 
@@ -92,9 +96,9 @@ class CausalLMRunner:
 
     def _prefill_rows(self, prompts: list[list[int]], budget: int) -> torch.Tensor:
         """`prefill` into a fresh cache, the current one's rows not kept."""
-        shared = self.reusable(prompts[0]) if len(prompts) == 1 else 0
-        if shared:
-            return self._prefill_after(prompts[0], shared, budget)
+        prefix, shared = self._best_prefix(prompts[0]) if len(prompts) == 1 else (None, 0)
+        if prefix is not None:
+            return self._prefill_after(prompts[0], prefix, shared, budget)
         self.prefilled_tokens = sum(len(p) for p in prompts)
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
         longest = max(len(p) for p in prompts)
@@ -113,21 +117,29 @@ class CausalLMRunner:
     def forget_prefix(self) -> None:
         """Keep nothing of the sequences so far: neither the kept prefix nor the rows the cache still holds (a
         batch that emptied leaves its last rows there until the next prefill, which would keep them)."""
-        self.kept = None
+        self.kept = []
         self.cache.ids.fill_(-1)
 
     def reusable(self, prompt: list[int]) -> int:
-        """How many leading tokens of `prompt` a prefill would take from the kept prefix instead of running them
+        """How many leading tokens of `prompt` a prefill would take from a kept prefix instead of running them
         (never the last one: its logits are the prefill's result)."""
-        if not self.reuse_prefix or self.kept is None or len(prompt) < 2:
-            return 0
-        return min(self.kept.shared_length(prompt), len(prompt) - 1)
+        return self._best_prefix(prompt)[1]
 
-    def _prefill_after(self, prompt: list[int], shared: int, budget: int) -> torch.Tensor:
-        """`prefill` of one prompt whose first `shared` tokens the kept prefix holds: seed, then run the rest."""
+    def _best_prefix(self, prompt: list[int]) -> tuple[Prefix | None, int]:
+        """The kept prefix that shares the most leading tokens with `prompt`, and how many of them to reuse."""
+        best, shared = None, 0
+        if self.reuse_prefix and len(prompt) >= 2:
+            for prefix in self.kept:
+                length = min(prefix.shared_length(prompt), len(prompt) - 1)
+                if length > shared:
+                    best, shared = prefix, length
+        return best, shared
+
+    def _prefill_after(self, prompt: list[int], prefix: Prefix, shared: int, budget: int) -> torch.Tensor:
+        """`prefill` of one prompt whose first `shared` tokens `prefix` holds: seed, then run the rest."""
         rest = len(prompt) - shared
         self.reset(1, len(prompt) + budget + BLOCK_RESERVE)
-        self.cache.seed(self.kept, shared)
+        self.cache.seed(prefix, shared)
         tokens = torch.tensor([prompt[shared:]], dtype=torch.long, device=self.device)
         positions = torch.arange(shared, len(prompt), device=self.device)[None]
         causal = torch.ones(rest, rest, dtype=torch.bool, device=self.device).tril()[None]
@@ -249,19 +261,23 @@ class CausalLMRunner:
     @torch.inference_mode()
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only these rows of the batch (ascending indices); finished rows cost nothing more. The longest row
-        that leaves becomes the kept prefix (between steps)."""
+        that leaves is kept (between steps)."""
         self._keep_longest(sorted(set(range(self.batch_size)) - set(rows)), copy=True)
         self.cache.keep_rows(rows)
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.block_pos = self.block_pos.index_select(0, index)
 
     def _keep_longest(self, rows, copy: bool) -> None:
-        """The longest of these rows becomes the kept prefix: a copy, or (`copy=False`, the buffer of a one-row cache
-        being dropped) a view, which keeps no other row's memory alive."""
+        """The longest of these rows joins the kept prefixes (first; a kept one it extends leaves): a copy, or
+        (`copy=False`, the buffer of a one-row cache being dropped) a view, which keeps no other row's memory alive."""
         rows = list(rows)
-        if self.reuse_prefix and rows:
-            longest = max(rows, key=lambda row: int(self.cache.length[row]))
-            self.kept = self.cache.prefix_of(longest, copy or self.batch_size > 1) or self.kept
+        if not self.reuse_prefix or not rows:
+            return
+        longest = max(rows, key=lambda row: int(self.cache.length[row]))
+        prefix = self.cache.prefix_of(longest, copy or self.batch_size > 1)
+        if prefix is not None:
+            others = [p for p in self.kept if not prefix.extends(p)]
+            self.kept = [prefix, *others][:KEPT_PREFIXES]
 
     @torch.inference_mode()
     def synthetic_context(self, batch_size: int, length: int, seed: int = 0) -> None:
