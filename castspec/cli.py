@@ -85,13 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=_positive_int, default=1,
                      help="with --prompt-file: decode this many lines' prompts at once as one batch (cast's "
                           "cost table is profiled for batch sizes up to this)")
-    gen.add_argument("--no-fast-kernels", action="store_true", help="keep stock nn.Linear kernels on CPU")
+    _decoder_arguments(gen, "the batch sizes used")
     gen.add_argument("--compare", action="store_true",
                      help="then run plain decoding (policy ar: the target alone, the draft model never runs) on "
                           "the same prompt and report the speedup over it and whether the output is identical")
-    gen.add_argument("--cost-table", default=None,
-                     help="cost table for cast (default: the one cached for this device and pair, else a quick "
-                          "profile for the batch sizes used)")
     gen.add_argument("--verbose", action="store_true",
                      help="print each step's decisions (widths, depth, verify count, predicted vs actual)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -113,10 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system message that opens the conversation")
     chat.add_argument("--max-new-tokens", type=_positive_int, default=512, help="tokens per answer at most")
     _sampling_arguments(chat)
-    chat.add_argument("--no-fast-kernels", action="store_true", help="keep stock nn.Linear kernels on CPU")
-    chat.add_argument("--cost-table", default=None,
-                      help="cost table for cast (default: the one cached for this device and pair, else a quick "
-                           "profile)")
+    _decoder_arguments(chat, "batch size 1")
     chat.set_defaults(func=cmd_chat)
 
     srv = sub.add_parser(
@@ -140,10 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="most requests waiting for a batch slot; more are refused with 503 and Retry-After")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="seconds running requests get to finish at shutdown before they are cancelled")
-    srv.add_argument("--no-fast-kernels", action="store_true", help="keep stock nn.Linear kernels on CPU")
-    srv.add_argument("--cost-table", default=None,
-                     help="cost table for cast (default: the one cached for this device and pair, else a quick "
-                          "profile for batch sizes up to --max-batch-size)")
+    _decoder_arguments(srv, "batch sizes up to --max-batch-size")
     srv.set_defaults(func=cmd_serve)
 
     load = sub.add_parser(
@@ -502,6 +493,25 @@ def _check_llamacpp_draft(args: argparse.Namespace, methods: list[str], draft: s
     gguf_for(draft, args.draft_gguf, assemble=False, role="draft", flag="--draft-gguf")
 
 
+def _decoder_arguments(parser: argparse.ArgumentParser, profiled_for: str) -> None:
+    """The kernel and cost-table options of the commands that decode (generate, chat, serve)."""
+    parser.add_argument("--no-fast-kernels", action="store_true", help="keep stock nn.Linear kernels on CPU")
+    parser.add_argument("--cost-table", default=None,
+                        help="cost table for cast (default: the one cached for this device and pair, else a quick "
+                             f"profile for {profiled_for})")
+
+
+def _load_decoder(args: argparse.Namespace, policy, max_batch_size: int = 1):
+    """The generator `generate`, `chat` and `serve` decode with, from their shared options."""
+    from castspec.api import load_generator
+
+    return load_generator(args.target, args.draft if policy.uses_draft else None, policy, device=args.device,
+                          fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
+                          target_dtype=args.target_dtype, cost_table=args.cost_table, max_batch_size=max_batch_size,
+                          draft_vocab=args.draft_vocab, suffix=args.suffix, draft_window=args.draft_window,
+                          suffix_cache=args.suffix_cache, lazy_draft=args.lazy_draft)
+
+
 def _sampling_arguments(parser: argparse.ArgumentParser, seed: int | None = None,
                         seed_help: str = "random seed: the same seed repeats the output (default: a fresh one)",
                         ) -> None:
@@ -523,7 +533,6 @@ def _sampling(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from castspec.api import load_generator
     from castspec.policies import make_policy
 
     if args.threads:
@@ -534,12 +543,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CastspecError("--compare measures one prompt; drop --batch-size (use `castspec bench` for batches)")
     sampling = {**_sampling(args), "stop": _stops(args)}
     policy = make_policy(args.policy)
-    gen = load_generator(args.target, args.draft if policy.uses_draft else None, policy, device=args.device,
-                         fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
-                         target_dtype=args.target_dtype, cost_table=args.cost_table,
-                         max_batch_size=min(args.batch_size, len(prompts)), draft_vocab=args.draft_vocab,
-                         suffix=args.suffix, draft_window=args.draft_window, suffix_cache=args.suffix_cache,
-                         lazy_draft=args.lazy_draft)
+    gen = _load_decoder(args, policy, max_batch_size=min(args.batch_size, len(prompts)))
     if args.batch_size > 1:
         return _generate_batches(args, gen, prompts, sampling)
     gen.generate(prompt, max_new_tokens=2, chat=args.chat)  # warm-up: first-call allocations are not speed
@@ -570,7 +574,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
-    from castspec.api import load_generator
     from castspec.policies import make_policy
     from castspec.server.app import listen, serve
 
@@ -580,11 +583,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CastspecError(f"--shutdown-timeout must be 0 or more seconds, got {args.shutdown_timeout}")
     listen(args.host, args.port).close()  # a bad address or a busy port fails now, not after loading the models
     policy = make_policy(args.policy)
-    gen = load_generator(args.target, args.draft if policy.uses_draft else None, policy, device=args.device,
-                         fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
-                         target_dtype=args.target_dtype, cost_table=args.cost_table,
-                         max_batch_size=args.max_batch_size, draft_vocab=args.draft_vocab, suffix=args.suffix,
-                         draft_window=args.draft_window, suffix_cache=args.suffix_cache, lazy_draft=args.lazy_draft)
+    gen = _load_decoder(args, policy, max_batch_size=args.max_batch_size)
     gen.generate(gen.encode("Hello"), max_new_tokens=2)  # warm-up: first-call allocations are not a request's time
     gen.forget_prefix()
     serve(gen, args.target, args.host, args.port, args.max_batch_size, args.max_queue, args.shutdown_timeout)
@@ -688,18 +687,13 @@ def _stops(args: argparse.Namespace) -> list[str]:
 def cmd_chat(args: argparse.Namespace) -> int:
     import torch
 
-    from castspec.api import load_generator
     from castspec.policies import make_policy
 
     if args.threads:
         torch.set_num_threads(args.threads)
     sampling = _sampling(args)
     policy = make_policy(args.policy)
-    gen = load_generator(args.target, args.draft if policy.uses_draft else None, policy, device=args.device,
-                         fast_kernels=not args.no_fast_kernels, draft_quant=args.draft_quant,
-                         target_dtype=args.target_dtype, cost_table=args.cost_table, draft_vocab=args.draft_vocab,
-                         suffix=args.suffix, draft_window=args.draft_window, suffix_cache=args.suffix_cache,
-                         lazy_draft=args.lazy_draft)
+    gen = _load_decoder(args, policy)
     opening = [{"role": "system", "content": args.system}] if args.system else []
     gen.generate(gen.encode_conversation(opening + [{"role": "user", "content": "Hello"}]), max_new_tokens=2)
     gen.forget_prefix()  # warm-up done (and the template checked before the first line is typed)

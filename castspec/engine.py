@@ -316,8 +316,7 @@ class SpeculativeGenerator:
                 if not getattr(self.tokenizer, "chat_template", None):
                     raise CastspecError("--chat: this model's tokenizer has no chat template")
                 return self.encode_conversation([{"role": "user", "content": prompt}])
-            else:
-                ids = self.tokenizer(prompt)["input_ids"]
+            ids = self.tokenizer(prompt)["input_ids"]
         elif isinstance(prompt, torch.Tensor):
             ids = prompt.reshape(-1).tolist()
         else:
